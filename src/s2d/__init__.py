@@ -1,0 +1,22 @@
+"""s2d: diagnose activation outliers, condition with Selective Spectral Decay, compress with low rank."""
+
+import os
+
+# Offline is the default: nothing in s2d reaches a model hub unless the user unsets these.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+from s2d.errors import S2DError  # noqa: E402
+
+__version__ = "0.1.0"
+
+
+def load_model(spec, **kwargs):
+    """Load a model and its tokenizer or processor by name, `tiny:<family>` or local folder."""
+    from s2d.assets.models import load_model as _load
+
+    return _load(spec, **kwargs)
+
+
+__all__ = ["S2DError", "load_model", "__version__"]

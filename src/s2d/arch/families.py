@@ -1,0 +1,73 @@
+"""The only place that knows model families: where each keeps its blocks, Linears, norms and head.
+
+Modelled on SliceGPT's per-architecture adapters. Paths are relative to the block (for Linears and norms)
+or are suffixes of qualified names in the model (for blocks, embeddings, final norm and head), so one entry
+serves both the bare backbone (`LlamaModel`) and its task wrappers (`LlamaForCausalLM`). A path may list
+alternatives as "a|b" where transformers versions name the same module differently.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+ROLES = ("q", "k", "v", "qkv", "o", "gate", "up", "down", "fc1", "fc2")
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    kind: str  # "causal-lm", "encoder" or "vision"
+    model_types: tuple[str, ...]
+    blocks: str
+    linears: dict[str, str]  # block-relative path -> role
+    norms: dict[str, str] = field(default_factory=dict)  # block-relative path -> what it normalizes
+    embeddings: str = ""
+    final_norm: str = ""
+    head: tuple[str, ...] = ()
+    main_input: str = "input_ids"
+    pre_norm: bool = True
+
+
+_LLAMA_LINEARS = {
+    "self_attn.q_proj": "q", "self_attn.k_proj": "k", "self_attn.v_proj": "v", "self_attn.o_proj": "o",
+    "mlp.gate_proj": "gate", "mlp.up_proj": "up", "mlp.down_proj": "down",
+}
+_LLAMA_NORMS = {"input_layernorm": "attn_in", "post_attention_layernorm": "mlp_in"}
+
+FAMILIES: tuple[Family, ...] = (
+    Family("llama", "causal-lm", ("llama",), "layers", _LLAMA_LINEARS, _LLAMA_NORMS,
+           "embed_tokens", "norm", ("lm_head",)),
+    Family("qwen2", "causal-lm", ("qwen2",), "layers", _LLAMA_LINEARS, _LLAMA_NORMS,
+           "embed_tokens", "norm", ("lm_head",)),
+    Family("gemma3", "causal-lm", ("gemma3_text",), "layers", _LLAMA_LINEARS,
+           {"input_layernorm": "attn_in", "post_attention_layernorm": "attn_out",
+            "pre_feedforward_layernorm": "mlp_in", "post_feedforward_layernorm": "mlp_out"},
+           "embed_tokens", "norm", ("lm_head",)),
+    Family("bert", "encoder", ("bert",), "encoder.layer",
+           {"attention.self.query": "q", "attention.self.key": "k", "attention.self.value": "v",
+            "attention.output.dense": "o", "intermediate.dense": "fc1", "output.dense": "fc2"},
+           {"attention.output.LayerNorm": "attn_out", "output.LayerNorm": "mlp_out"},
+           "embeddings", "", ("classifier",), pre_norm=False),
+    Family("mpnet", "encoder", ("mpnet",), "encoder.layer",
+           {"attention.attn.q": "q", "attention.attn.k": "k", "attention.attn.v": "v", "attention.attn.o": "o",
+            "intermediate.dense": "fc1", "output.dense": "fc2"},
+           {"attention.LayerNorm": "attn_out", "output.LayerNorm": "mlp_out"},
+           "embeddings", "", ("classifier",), pre_norm=False),
+    Family("vit", "vision", ("vit",), "layers|encoder.layer",
+           {"attention.q_proj|attention.attention.query": "q", "attention.k_proj|attention.attention.key": "k",
+            "attention.v_proj|attention.attention.value": "v", "attention.o_proj|attention.output.dense": "o",
+            "mlp.fc1|intermediate.dense": "fc1", "mlp.fc2|output.dense": "fc2"},
+           {"layernorm_before": "attn_in", "layernorm_after": "mlp_in"},
+           "embeddings", "layernorm", ("classifier",), main_input="pixel_values"),
+)
+
+
+def family_for(model_type: str) -> Family | None:
+    for family in FAMILIES:
+        if model_type in family.model_types:
+            return family
+    return None
+
+
+def supported() -> str:
+    return ", ".join(f"{f.name} ({'/'.join(f.model_types)})" for f in FAMILIES)

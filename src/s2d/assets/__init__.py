@@ -1,0 +1,26 @@
+"""Where models and data come from: packaged assets, local folders and tiny test models."""
+
+from s2d.assets.data import (
+    DATASETS,
+    calibration_batch,
+    load_analogies,
+    load_digits,
+    load_fashion_mnist,
+    load_polarity,
+    load_wiki,
+    wiki_text,
+)
+from s2d.assets.models import MODELS, load_model
+
+__all__ = [
+    "DATASETS",
+    "MODELS",
+    "calibration_batch",
+    "load_analogies",
+    "load_digits",
+    "load_fashion_mnist",
+    "load_model",
+    "load_polarity",
+    "load_wiki",
+    "wiki_text",
+]

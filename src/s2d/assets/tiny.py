@@ -1,0 +1,67 @@
+"""Seeded random `from_config` models of each supported family, small enough for millisecond forwards."""
+
+from __future__ import annotations
+
+import torch
+
+from s2d.errors import S2DError
+
+TINY_SEED = 0
+TINY_VOCAB = 256 + 3  # every byte, plus <bos>, <eos>, <pad>
+TINY_POSITIONS = 512
+
+
+def _configs():
+    from transformers import BertConfig, Gemma3TextConfig, LlamaConfig, MPNetConfig, Qwen2Config, ViTConfig
+
+    decoder = dict(vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=TINY_POSITIONS,
+                   bos_token_id=256, eos_token_id=257, pad_token_id=258)
+    encoder = dict(vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                   num_attention_heads=4, max_position_embeddings=TINY_POSITIONS, pad_token_id=258)
+    return {
+        "llama": ("LlamaForCausalLM", LlamaConfig(**decoder, tie_word_embeddings=True)),
+        "qwen2": ("Qwen2ForCausalLM", Qwen2Config(**decoder, tie_word_embeddings=False)),
+        # Gemma3 alternates sliding and full attention, which exercises per-block masks and rotary tables.
+        "gemma3": ("Gemma3ForCausalLM", Gemma3TextConfig(**decoder, head_dim=16, sliding_window=16,
+                                                         layer_types=["sliding_attention", "full_attention",
+                                                                      "sliding_attention"])),
+        "bert": ("BertForSequenceClassification", BertConfig(**encoder, num_labels=2)),
+        "mpnet": ("MPNetForSequenceClassification", MPNetConfig(**encoder, num_labels=2)),
+        "vit": ("ViTForImageClassification", ViTConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                                                       num_attention_heads=4, image_size=28, patch_size=7,
+                                                       num_channels=1, num_labels=10)),
+    }
+
+
+TINY_FAMILIES = ("llama", "qwen2", "gemma3", "bert", "mpnet", "vit")
+
+
+def tiny_model(family: str, *, dtype: torch.dtype = torch.float32, seed: int = TINY_SEED):
+    """Return a seeded random model of `family` and a byte-level tokenizer (None for vit)."""
+    import transformers
+
+    configs = _configs()
+    if family not in configs:
+        raise S2DError(f"unknown tiny family {family!r}; choose one of {', '.join(TINY_FAMILIES)}")
+    cls_name, config = configs[family]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = getattr(transformers, cls_name)(config).to(dtype).eval()
+    tokenizer = None if family == "vit" else byte_tokenizer()
+    return model, tokenizer
+
+
+def byte_tokenizer():
+    """A 259-token byte-level tokenizer, so tiny models run on real text with no vocabulary file."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    vocab = {ch: i for i, ch in enumerate(bytes_to_unicode().values())}
+    vocab.update({"<bos>": 256, "<eos>": 257, "<pad>": 258})
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<bos>", eos_token="<eos>",
+                                   pad_token="<pad>", model_max_length=TINY_POSITIONS)

@@ -1,0 +1,65 @@
+"""The `s2d` command: parses arguments, calls the library, prints or writes the result. Nothing else."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from s2d import __version__
+from s2d.errors import S2DError
+
+
+def _info(args: argparse.Namespace) -> None:
+    from s2d.arch import summary
+    from s2d.assets import load_model
+
+    model, _ = load_model(args.model, trust_remote_code=args.trust_remote_code)
+    info = summary(model)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return
+    print(f"{args.model}: {info['class']} (family {info['family']}, {info['kind']})")
+    print(f"  parameters        {info['parameters']:,} ({info['parameters'] / 1e6:.1f}M)")
+    print(f"  blocks            {info['blocks']}")
+    print(f"  targeted Linears  {info['linears']} holding {info['block_linear_parameters']:,} parameters")
+    print(f"  embeddings        {info['embeddings']}")
+    print(f"  final norm        {info['final_norm'] or '-'}")
+    print(f"  head              {info['head'] or '-'}")
+    print(f"  norms per block   {', '.join(info['norms_per_block']) or '-'}")
+    print("  Linears by role:")
+    for role, entry in info["roles"].items():
+        shapes = ", ".join(f"{n}x [{s}]" for s, n in entry["shapes"].items())
+        print(f"    {role:<5} {entry['count']:>4}  {shapes}  (out x in)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="s2d", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--version", action="version", version=f"s2d {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("info", help="print a model's family, size, blocks and Linears by role")
+    p.add_argument("model", help="smollm2-135m, minilm-l6, tiny:<family>, or a local HF model folder")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow a local folder's custom code to run")
+    p.set_defaults(func=_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    logging.getLogger("s2d").setLevel(logging.INFO)
+    try:
+        args.func(args)
+    except S2DError as err:
+        print(f"s2d: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,61 @@
+"""Small versioned config dataclasses that round-trip through YAML and JSON."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, ClassVar, Self
+
+import yaml
+
+from s2d.errors import S2DError
+
+
+@dataclasses.dataclass
+class Config:
+    """Base for every transform's config: subclasses are plain dataclasses with a VERSION."""
+
+    VERSION: ClassVar[int] = 1
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {"kind": type(self).__name__, "version": self.VERSION}
+        out.update(dataclasses.asdict(self))
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Self:
+        data = dict(data)
+        kind = data.pop("kind", cls.__name__)
+        version = data.pop("version", cls.VERSION)
+        if kind != cls.__name__:
+            raise S2DError(f"config is a {kind}, expected {cls.__name__}")
+        if version > cls.VERSION:
+            raise S2DError(f"{kind} version {version} is newer than this s2d understands ({cls.VERSION}); upgrade s2d")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - names
+        if unknown:
+            raise S2DError(f"unknown {kind} fields: {sorted(unknown)}; known: {sorted(names)}")
+        return cls(**data)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_yaml(cls, text: str) -> Self:
+        return cls.from_dict(yaml.safe_load(text) or {})
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> Self:
+        return cls.from_dict(json.loads(text))
+
+    @classmethod
+    def load(cls, path: str | Path) -> Self:
+        path = Path(path)
+        if not path.is_file():
+            raise S2DError(f"config file {path} does not exist")
+        text = path.read_text()
+        return cls.from_json(text) if path.suffix == ".json" else cls.from_yaml(text)
