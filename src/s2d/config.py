@@ -36,6 +36,10 @@ class Config:
         unknown = set(data) - names
         if unknown:
             raise S2DError(f"unknown {kind} fields: {sorted(unknown)}; known: {sorted(names)}")
+        # YAML and JSON have no tuples: restore them where the field's default is one, so configs compare equal.
+        for f in dataclasses.fields(cls):
+            if f.name in data and isinstance(data[f.name], list) and isinstance(f.default, tuple):
+                data[f.name] = tuple(data[f.name])
         return cls(**data)
 
     def to_yaml(self) -> str:

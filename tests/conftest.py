@@ -1,0 +1,39 @@
+import time
+
+import pytest
+
+import s2d  # noqa: F401  (sets the offline defaults before transformers is imported)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real packaged SmolLM2 (built into the s2d cache on first use), loaded once per session."""
+    from s2d.assets import load_model
+
+    t0 = time.perf_counter()
+    model, tok = load_model("smollm2-135m")
+    print(f"\n[smollm2 fixture] loaded in {time.perf_counter() - t0:.1f} s")
+    return model, tok
+
+
+@pytest.fixture(scope="session")
+def minilm():
+    from s2d.assets import load_model
+
+    return load_model("minilm-l6")
+
+
+_FIGURES: list[str] = []
+
+
+@pytest.fixture
+def report_figure():
+    """Record a measured figure (e.g. a load time) to print in the session summary; never asserted on."""
+    return lambda text: _FIGURES.append(text)
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _FIGURES:
+        terminalreporter.section("measured figures (printed, not asserted)")
+        for line in _FIGURES:
+            terminalreporter.write_line(line)
