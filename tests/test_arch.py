@@ -92,3 +92,31 @@ def test_summary_counts():
     assert info["parameters"] == sum(p.numel() for p in model.parameters())
     assert info["roles"]["k"]["shapes"] == {"32x64": 3}
     assert info["block_linear_parameters"] == sum(lin.module.weight.numel() for lin in describe(model).linears())
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3", "vit"])
+def test_fold_norm_gains_preserves_function(family):
+    from s2d.arch import fold_norm_gains
+
+    model, _ = tiny_model(family)
+    with torch.no_grad():  # random gains and biases, so that folding has something to do
+        gen = torch.Generator().manual_seed(0)
+        for name, p in model.named_parameters():
+            if "norm" in name.lower():
+                p.add_(0.3 * torch.randn(p.shape, generator=gen))
+    batch = _batch(family)
+    before = model(batch).logits
+    desc = describe(model)
+    folded = fold_norm_gains(desc)
+    assert len(folded) == 2 * len(desc.blocks)
+    offset = desc.family.norm_gain_offset
+    for name in folded:
+        assert torch.all(desc.module(name).weight + offset == 1.0)
+    torch.testing.assert_close(model(batch).logits, before, rtol=1e-5, atol=1e-5)
+
+
+def test_fold_refuses_post_norm_family():
+    from s2d.arch import fold_norm_gains
+
+    with pytest.raises(S2DError, match="post-norms"):
+        fold_norm_gains(describe(tiny_model("bert")[0]))

@@ -12,6 +12,10 @@ from dataclasses import dataclass, field
 
 ROLES = ("q", "k", "v", "qkv", "o", "gate", "up", "down", "fc1", "fc2")
 
+# Which Linears a pre-norm feeds, by the norm's tag. The same in every pre-norm family; post-norms
+# (attn_out, mlp_out) feed the residual stream, not a Linear, so they cannot be folded.
+NORM_FEEDS = {"attn_in": ("q", "k", "v", "qkv"), "mlp_in": ("gate", "up", "fc1")}
+
 
 @dataclass(frozen=True)
 class Family:
@@ -26,6 +30,7 @@ class Family:
     head: tuple[str, ...] = ()
     main_input: str = "input_ids"
     pre_norm: bool = True
+    norm_gain_offset: float = 0.0  # the norm scales by (offset + weight): Gemma's RMSNorm uses 1 + weight
 
 
 _LLAMA_LINEARS = {
@@ -42,7 +47,7 @@ FAMILIES: tuple[Family, ...] = (
     Family("gemma3", "causal-lm", ("gemma3_text",), "layers", _LLAMA_LINEARS,
            {"input_layernorm": "attn_in", "post_attention_layernorm": "attn_out",
             "pre_feedforward_layernorm": "mlp_in", "post_feedforward_layernorm": "mlp_out"},
-           "embed_tokens", "norm", ("lm_head",)),
+           "embed_tokens", "norm", ("lm_head",), norm_gain_offset=1.0),
     Family("bert", "encoder", ("bert",), "encoder.layer",
            {"attention.self.query": "q", "attention.self.key": "k", "attention.self.value": "v",
             "attention.output.dense": "o", "intermediate.dense": "fc1", "output.dense": "fc2"},
