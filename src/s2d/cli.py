@@ -34,6 +34,35 @@ def _info(args: argparse.Namespace) -> None:
         print(f"    {role:<5} {entry['count']:>4}  {shapes}  (out x in)")
 
 
+def _finetune(args: argparse.Namespace) -> None:
+    from s2d.runs import default_run_dir
+    from s2d.train import TrainConfig
+    from s2d.train.run import finetune
+
+    config = TrainConfig.load(args.config) if args.config else TrainConfig()
+    overrides = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__ and v is not None}
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    if args.reg_option:
+        config.reg_config = dict(config.reg_config, **_parse_options(args.reg_option))
+    out = args.out or default_run_dir("finetune")
+    result = finetune(args.model, config, out)
+    print(f"finetuned {args.model} for {result.steps} steps in {result.seconds:.1f} s; run folder: {out}")
+
+
+def _parse_options(pairs: list[str]) -> dict:
+    """KEY=VALUE pairs, values read as YAML scalars (numbers, booleans, strings)."""
+    import yaml
+
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise S2DError(f"--reg-option takes KEY=VALUE, got {pair!r}")
+        options[key.strip()] = yaml.safe_load(value)
+    return options
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="s2d", description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--version", action="version", version=f"s2d {__version__}")
@@ -45,6 +74,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.add_argument("--trust-remote-code", action="store_true", help="allow a local folder's custom code to run")
     p.set_defaults(func=_info)
+
+    p = sub.add_parser("finetune", help="fine-tune with S2D or a baseline regularizer (torchrun -m s2d for DDP)")
+    p.add_argument("model", help="smollm2-135m, minilm-l6, tiny:<family>, or a local HF model folder")
+    p.add_argument("--task", choices=["lm", "cls", "image"])
+    p.add_argument("--reg", choices=["none", "s2d", "wd", "specnorm", "kure"])
+    p.add_argument("--reg-option", action="append", metavar="KEY=VALUE",
+                   help="regularizer option, e.g. lam=5e-4, form=decoupled, tau=0.95, k_max=3, fold_norms=true")
+    p.add_argument("--qat", metavar="SCHEME", help="quantization-aware training, e.g. W4A4")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--batch-size", dest="batch_size", type=int, help="global batch per optimizer step")
+    p.add_argument("--grad-accum", dest="grad_accum", type=int)
+    p.add_argument("--seq-len", dest="seq_len", type=int)
+    p.add_argument("--warmup", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--eval-every", dest="eval_every", type=int)
+    p.add_argument("--checkpoint-every", dest="checkpoint_every", type=int)
+    p.add_argument("--image-data", dest="image_data", choices=["digits", "fashion-mnist"])
+    p.add_argument("--config", help="a TrainConfig YAML or JSON; flags override it")
+    p.add_argument("--out", help="run folder (default runs/finetune-<time>); an existing one is resumed")
+    p.set_defaults(func=_finetune)
     return parser
 
 

@@ -18,7 +18,7 @@ def versions() -> dict[str, str]:
     import torch
     import transformers
 
-    return {"s2d": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+    return {"s2d": __version__, "torch": str(torch.__version__), "transformers": str(transformers.__version__),
             "python": platform.python_version()}
 
 

@@ -9,6 +9,7 @@ from s2d.assets.data import (
     load_polarity,
     load_wiki,
     wiki_text,
+    wiki_tokens,
 )
 from s2d.assets.models import MODELS, load_model
 
@@ -23,4 +24,5 @@ __all__ = [
     "load_polarity",
     "load_wiki",
     "wiki_text",
+    "wiki_tokens",
 ]

@@ -92,6 +92,21 @@ def wiki_text(split: str = "train") -> str:
     return "\n\n".join(a.text for a in load_wiki(split))
 
 
+def wiki_tokens(tokenizer, split: str = "train") -> torch.Tensor:
+    """Token ids of a wiki split, articles tokenized one by one and joined by blank lines (cached)."""
+    key = (getattr(tokenizer, "name_or_path", ""), len(tokenizer), type(tokenizer).__name__, split)
+    if key not in _TOKEN_CACHE:
+        sep = tokenizer("\n\n", add_special_tokens=False)["input_ids"]
+        ids: list[int] = []
+        for i, article in enumerate(load_wiki(split)):
+            ids += (sep if i else []) + tokenizer(article.text, add_special_tokens=False, verbose=False)["input_ids"]
+        _TOKEN_CACHE[key] = torch.tensor(ids, dtype=torch.long)
+    return _TOKEN_CACHE[key]
+
+
+_TOKEN_CACHE: dict[tuple, torch.Tensor] = {}
+
+
 def load_polarity() -> list[tuple[str, int]]:
     """(sentence, label) pairs; label 1 is positive, 0 negative."""
     rows = []
@@ -158,7 +173,7 @@ def calibration_batch(tokenizer, texts: str | list[str], n_samples: int, seq_len
     text = texts if isinstance(texts, str) else "\n\n".join(texts)
     if not text.strip():
         raise S2DError("the calibration text is empty: give at least one non-empty document")
-    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+    ids = torch.tensor(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"], dtype=torch.long)
     if ids.numel() < seq_len + 1:
         raise S2DError(f"the calibration text has {ids.numel()} tokens, fewer than seq_len={seq_len}; "
                        "give more text or a shorter --seq-len")

@@ -35,8 +35,14 @@ def load_model(
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
     trust_remote_code: bool = False,
+    head: str | None = None,
+    num_labels: int | None = None,
 ):
-    """Return (model, tokenizer_or_processor) for a name, `tiny:<family>` or a local HF folder."""
+    """Return (model, tokenizer_or_processor) for a name, `tiny:<family>` or a local HF folder.
+
+    `head` ("sequence-classification" or "image-classification") loads a folder's backbone under a
+    freshly initialized classifier with `num_labels` outputs, for fine-tuning.
+    """
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # s2d shows its own progress; per-tensor load bars are noise
@@ -44,13 +50,13 @@ def load_model(
     if spec_str == "smollm2-135m":
         model, tok = _load_smollm2(dtype)
     elif spec_str == "minilm-l6":
-        model, tok = _load_folder(_package_folder_minilm(), dtype, trust_remote_code)
+        model, tok = _load_folder(_package_folder_minilm(), dtype, trust_remote_code, head, num_labels)
     elif spec_str.startswith("tiny:"):
         from s2d.assets.tiny import tiny_model
 
         model, tok = tiny_model(spec_str.split(":", 1)[1], dtype=dtype)
     elif Path(spec_str).expanduser().exists():
-        model, tok = _load_folder(Path(spec_str).expanduser(), dtype, trust_remote_code)
+        model, tok = _load_folder(Path(spec_str).expanduser(), dtype, trust_remote_code, head, num_labels)
     else:
         known = ", ".join(MODELS)
         raise S2DError(f"unknown model {spec_str!r}: use one of {known}, or the path of a local HF model folder")
@@ -73,9 +79,17 @@ def _package_folder_minilm() -> Path:
     return folder
 
 
-def _model_class(config):
+HEADS = {"sequence-classification": "AutoModelForSequenceClassification",
+         "image-classification": "AutoModelForImageClassification"}
+
+
+def _model_class(config, head: str | None = None):
     import transformers
 
+    if head is not None:
+        if head not in HEADS:
+            raise S2DError(f"unknown head {head!r}; use one of {', '.join(HEADS)}")
+        return getattr(transformers, HEADS[head])
     for name in config.architectures or []:
         cls = getattr(transformers, name, None)
         if cls is not None:
@@ -83,7 +97,8 @@ def _model_class(config):
     return transformers.AutoModel
 
 
-def _load_folder(folder: Path, dtype: torch.dtype, trust_remote_code: bool):
+def _load_folder(folder: Path, dtype: torch.dtype, trust_remote_code: bool, head: str | None = None,
+                 num_labels: int | None = None):
     from transformers import AutoConfig
 
     if not (folder / "config.json").is_file():
@@ -94,8 +109,10 @@ def _load_folder(folder: Path, dtype: torch.dtype, trust_remote_code: bool):
     except (ValueError, KeyError, OSError) as err:
         raise S2DError(f"cannot read the config in {folder}: {err}. If the architecture is custom, pass "
                        "trust_remote_code=True only if you trust that code") from err
+    extra = {"num_labels": num_labels} if head and num_labels else {}
     try:
-        model = _model_class(config).from_pretrained(folder, dtype=dtype, trust_remote_code=trust_remote_code)
+        model = _model_class(config, head).from_pretrained(folder, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                           **extra)
     except (OSError, ValueError, RuntimeError) as err:
         raise S2DError(f"cannot load the weights in {folder}: {err}") from err
     return model, _load_tokenizer(folder)

@@ -10,6 +10,7 @@ so σ_k ← σ_k − η λ σ_kⁿ exactly and the decay rate is explicit.
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from s2d.arch import fold_norm_gains
@@ -78,6 +79,7 @@ class SelectiveSpectralDecay(Regularizer):
             self.factors[name] = {"u": u, "s": s, "v": v, "k_target": k_target, "basis": basis}
             record["layers"][name] = {"k_target": k_target, "sigma": s.tolist(),
                                       "pcdr": None if ratios is None else ratios.tolist()}
+        _agree_across_ranks(self.factors, record)
         record["penalty_value"] = self.objective()
         self._inputs = {}
         self._refreshed_at = self.steps
@@ -160,3 +162,17 @@ class SelectiveSpectralDecay(Regularizer):
             f["k_target"] = int(f["k_target"])
             f.setdefault("basis", None)
             self.factors[name] = f
+
+
+def _agree_across_ranks(factors: dict, record: dict) -> None:
+    """Under data parallelism each rank saw different inputs, so PCDR (and k_target) may differ: rank 0's
+    selection and factors are broadcast so that every replica applies the same penalty."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    for name, f in factors.items():
+        for key in ("u", "s", "v"):
+            dist.broadcast(f[key], src=0)
+        k = torch.tensor([f["k_target"]])
+        dist.broadcast(k, src=0)
+        f["k_target"] = int(k)
+        record["layers"][name]["k_target"] = f["k_target"]

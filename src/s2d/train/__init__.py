@@ -1,0 +1,7 @@
+"""One task-agnostic fine-tuning loop; it uses s2d.regularize but knows nothing of S2D's internals."""
+
+from s2d.train.config import TrainConfig
+from s2d.train.loop import TrainResult, train
+from s2d.train.tasks import make_task
+
+__all__ = ["TrainConfig", "TrainResult", "make_task", "train"]

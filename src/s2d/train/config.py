@@ -1,0 +1,48 @@
+"""The fine-tuning run's config: one dataclass, saved with every checkpoint and result."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from s2d.config import Config
+from s2d.errors import S2DError
+
+
+@dataclass
+class TrainConfig(Config):
+    task: str = "lm"  # "lm" (wiki train text), "cls" (polarity), "image" (digits or fashion-mnist)
+    steps: int = 100
+    lr: float = 5e-5
+    weight_decay: float = 0.0  # AdamW's own decoupled decay on ≥2-D parameters
+    warmup: int = 10
+    batch_size: int = 2  # global batch per optimizer step, split across ranks and accumulation steps
+    grad_accum: int = 1
+    seq_len: int = 256
+    clip: float = 1.0
+    seed: int = 0
+    eval_every: int = 50  # 0 turns periodic evaluation off
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    reg: str = "none"  # none | s2d | wd | specnorm | kure
+    reg_config: dict = field(default_factory=dict)
+    qat: str | None = None  # e.g. "W4A4": fake-quant forward with a straight-through estimator
+    image_data: str = "digits"  # digits | fashion-mnist
+    image_folder: str | None = None
+    eval_samples: int = 64
+
+    def validate(self, world_size: int = 1) -> TrainConfig:
+        if self.task not in ("lm", "cls", "image"):
+            raise S2DError(f"task must be lm, cls or image (got {self.task!r})")
+        if self.reg not in ("none", "s2d", "wd", "specnorm", "kure"):
+            raise S2DError(f"reg must be none, s2d, wd, specnorm or kure (got {self.reg!r})")
+        if self.steps < 1 or self.lr <= 0 or self.batch_size < 1 or self.grad_accum < 1:
+            raise S2DError("steps, batch_size and grad_accum must be ≥ 1 and lr > 0")
+        if self.batch_size % (self.grad_accum * world_size):
+            raise S2DError(f"batch_size {self.batch_size} must be divisible by grad_accum × world size "
+                           f"({self.grad_accum} × {world_size})")
+        return self
+
+    @property
+    def micro_batch(self) -> int:
+        return self.batch_size // self.grad_accum

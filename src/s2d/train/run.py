@@ -1,0 +1,63 @@
+"""`s2d finetune`: load, train, and write the run folder (config, curves, metrics, report, final model)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from s2d.io import atomic_dir
+from s2d.report.curves import plot_curve
+from s2d.report.markdown import md_table
+from s2d.runs import RunFolder
+from s2d.train.config import TrainConfig
+from s2d.train.distributed import DistributedContext
+from s2d.train.loop import TrainResult, train
+from s2d.train.tasks import make_task
+
+HEADS = {"cls": ("sequence-classification", 2), "image": ("image-classification", 10)}
+
+
+def finetune(model_spec: str, config: TrainConfig, out: str | Path, progress: bool = True) -> TrainResult:
+    """Fine-tune `model_spec` under `config`, resuming from `out/checkpoints` if a run was interrupted."""
+    from s2d.assets import load_model
+
+    ctx = DistributedContext.from_env()
+    config.validate(ctx.world_size)
+    run = RunFolder(out, "finetune", {"model": model_spec, **config.to_dict()}, config.seed) if ctx.is_main else None
+    head, labels = HEADS.get(config.task, (None, None))
+    torch.manual_seed(config.seed)  # a fresh classifier head is initialized from the seed
+    model, tokenizer = load_model(model_spec, head=head, num_labels=labels)
+    task = make_task(config, model, tokenizer)
+    result = train(model, task, config, Path(out) / "checkpoints", model_name=model_spec, progress=progress)
+    if run is not None:
+        _write(run, model, tokenizer, config, result, model_spec)
+    return result
+
+
+def _write(run: RunFolder, model, tokenizer, config: TrainConfig, result: TrainResult, model_spec: str) -> None:
+    figures = {
+        "loss": plot_curve(result.history, "loss", run.figure_path("loss.png"), "task loss"),
+        "sigma_max": plot_curve(result.history, "sigma_max", run.figure_path("sigma_max.png"),
+                                "largest σ₁ of the targeted Linears"),
+        "max_abs_act": plot_curve(result.history, "max_abs_act", run.figure_path("max_abs_act.png"),
+                                  "max |x| in the residual stream (training batch)", log=True),
+    }
+    metrics = {"model": model_spec, "task": config.task, "reg": config.reg, "reg_config": config.reg_config,
+               "steps": result.steps, "seconds": result.seconds, "resumed_from": result.resumed_from,
+               "history": result.history, "evals": result.evals,
+               "refreshes": [{"step": r["step"], "penalty_value": r.get("penalty_value"),
+                              "selected": {n: rec["k_target"] for n, rec in r["layers"].items() if rec["k_target"]}}
+                             for r in result.reg_log]}
+    run.write_metrics(metrics)
+    with atomic_dir(run.path / "model") as tmp:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    last = result.history[-1] if result.history else {}
+    rows = [[k, last.get(k)] for k in ("loss", "penalty", "sigma_max", "max_abs_act")]
+    rows += [[k, v] for k, v in (result.evals[-1].items() if result.evals else []) if k != "step"]
+    text = [f"# finetune {model_spec} on {config.task} with reg={config.reg}\n",
+            f"{result.steps} steps in {result.seconds:.1f} s.\n", md_table(["final", "value"], rows)]
+    text += [f"\n![{name}](figures/{path.name})\n" for name, path in figures.items()]
+    run.write_text("report.md", "\n".join(text))

@@ -1,0 +1,124 @@
+"""The three fine-tuning tasks. Each batch is a pure function of (seed, step, micro-step, rank), so a
+resumed or distributed run sees exactly the data an uninterrupted single-process run would."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from s2d.errors import S2DError
+
+
+def _generator(seed: int, step: int, micro: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + step * 1009 + micro)
+
+
+def _shard(rows: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    return rows.chunk(world)[rank] if world > 1 else rows
+
+
+class LMTask:
+    """Causal LM on wiki train text; evaluation is perplexity on validation windows."""
+
+    def __init__(self, tokenizer, seq_len: int, seed: int, eval_samples: int):
+        from s2d.assets import wiki_tokens
+
+        self.seq_len, self.seed = seq_len, seed
+        self.tokens = wiki_tokens(tokenizer, "train")
+        val = wiki_tokens(tokenizer, "validation")
+        n = min(eval_samples, val.numel() // seq_len)
+        if n == 0 or self.tokens.numel() <= seq_len:
+            raise S2DError(f"seq_len {seq_len} is longer than the available text")
+        self.val = val[: n * seq_len].view(n, seq_len)
+
+    def batch(self, step: int, micro: int, size: int, rank: int = 0, world: int = 1) -> dict:
+        gen = _generator(self.seed, step, micro)
+        starts = torch.randint(0, self.tokens.numel() - self.seq_len, (size,), generator=gen)
+        ids = _shard(torch.stack([self.tokens[s : s + self.seq_len] for s in starts.tolist()]), rank, world)
+        return {"input_ids": ids, "labels": ids}
+
+    @torch.no_grad()
+    def evaluate(self, model) -> dict:
+        from s2d.eval import perplexity
+
+        result = perplexity(model, self.val.flatten(), seq_len=self.seq_len, progress=False)
+        return {"val_ppl": result.ppl, "val_tokens": result.n_tokens}
+
+
+class ClassificationTask:
+    """Sentence classification on the polarity data: 160 train / 40 evaluation sentences, split by seed."""
+
+    def __init__(self, tokenizer, seq_len: int, seed: int):
+        from s2d.assets import load_polarity
+
+        rows = load_polarity()
+        order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()
+        self.train_rows = [rows[i] for i in order[:160]]
+        self.eval_rows = [rows[i] for i in order[160:]]
+        self.tokenizer, self.seq_len, self.seed = tokenizer, seq_len, seed
+
+    def _encode(self, rows) -> dict:
+        enc = self.tokenizer([t for t, _ in rows], padding=True, truncation=True, max_length=self.seq_len,
+                             return_tensors="pt")
+        enc["labels"] = torch.tensor([label for _, label in rows])
+        return dict(enc)
+
+    def batch(self, step: int, micro: int, size: int, rank: int = 0, world: int = 1) -> dict:
+        idx = torch.randint(0, len(self.train_rows), (size,), generator=_generator(self.seed, step, micro))
+        idx = _shard(idx, rank, world)
+        return self._encode([self.train_rows[i] for i in idx.tolist()])
+
+    @torch.no_grad()
+    def evaluate(self, model) -> dict:
+        from s2d.eval import classification_accuracy
+
+        return {"val_acc": classification_accuracy(model, self._encode(self.eval_rows))}
+
+
+class ImageTask:
+    """Image classification (digits or Fashion-MNIST), resized to the model's input size."""
+
+    def __init__(self, config, model_config, seed: int, eval_samples: int):
+        from s2d.assets import load_digits, load_fashion_mnist
+
+        if config.image_data == "digits":
+            images, labels = load_digits()
+            images = images / 16.0
+            order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
+            images, labels = images[order], labels[order]
+            split = int(0.8 * len(labels))
+            self.train, self.test = (images[:split], labels[:split]), (images[split:], labels[split:])
+        else:
+            x, y = load_fashion_mnist("train", config.image_folder)
+            xt, yt = load_fashion_mnist("test", config.image_folder)
+            self.train, self.test = (x.float() / 255, y), (xt.float() / 255, yt)
+        self.size = int(model_config.image_size)
+        self.channels = int(getattr(model_config, "num_channels", 1))
+        self.seed, self.eval_samples = seed, eval_samples
+
+    def _pixels(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.unsqueeze(1)
+        if x.shape[-1] != self.size:
+            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
+        return ((x - 0.5) / 0.5).expand(-1, self.channels, -1, -1)
+
+    def batch(self, step: int, micro: int, size: int, rank: int = 0, world: int = 1) -> dict:
+        idx = torch.randint(0, len(self.train[1]), (size,), generator=_generator(self.seed, step, micro))
+        idx = _shard(idx, rank, world)
+        return {"pixel_values": self._pixels(self.train[0][idx]), "labels": self.train[1][idx]}
+
+    @torch.no_grad()
+    def evaluate(self, model) -> dict:
+        from s2d.eval import classification_accuracy
+
+        n = min(self.eval_samples, len(self.test[1]))
+        batch = {"pixel_values": self._pixels(self.test[0][:n]), "labels": self.test[1][:n]}
+        return {"val_acc": classification_accuracy(model, batch)}
+
+
+def make_task(config, model, tokenizer):
+    if config.task == "lm":
+        return LMTask(tokenizer, config.seq_len, config.seed, config.eval_samples)
+    if config.task == "cls":
+        return ClassificationTask(tokenizer, config.seq_len, config.seed)
+    return ImageTask(config, model.config, config.seed, config.eval_samples)

@@ -1,0 +1,142 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from s2d.assets import load_model
+from s2d.errors import S2DError
+from s2d.train import TrainConfig, make_task, train
+
+
+def _config(**kw) -> TrainConfig:
+    base = dict(steps=6, lr=1e-3, warmup=2, batch_size=4, grad_accum=2, seq_len=32, eval_every=0, log_every=1,
+                checkpoint_every=3, reg="s2d", reg_config={"refresh_every": 2, "form": "decoupled", "lam": 0.05,
+                                                           "tau": 0.1})
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _fresh(spec="tiny:llama", config=None):
+    model, tok = load_model(spec)
+    return model, make_task(config or _config(), model, tok)
+
+
+class Interrupt(Exception):
+    pass
+
+
+def _interrupt_at(task, step):
+    original = task.batch
+
+    def batch(s, *args, **kwargs):
+        if s == step:
+            raise Interrupt
+        return original(s, *args, **kwargs)
+    task.batch = batch
+
+
+@pytest.mark.parametrize("spec,task_kw", [("tiny:llama", {}), ("tiny:bert", {"task": "cls"})])
+def test_resume_equals_uninterrupted_bitwise(tmp_path, spec, task_kw):
+    config = _config(**task_kw)
+    model_a, task_a = _fresh(spec, config)
+    result_a = train(model_a, task_a, config, tmp_path / "a", model_name=spec, progress=False)
+
+    model_b, task_b = _fresh(spec, config)
+    _interrupt_at(task_b, 4)  # dies after the step-3 checkpoint
+    with pytest.raises(Interrupt):
+        train(model_b, task_b, config, tmp_path / "b", model_name=spec, progress=False)
+    model_c, task_c = _fresh(spec, config)
+    result_c = train(model_c, task_c, config, tmp_path / "b", model_name=spec, progress=False)
+    assert result_c.resumed_from == 3
+    for (name, a), (_, c) in zip(model_a.state_dict().items(), model_c.state_dict().items(), strict=True):
+        assert torch.equal(a, c), name
+    assert result_a.history[-1]["loss"] == result_c.history[-1]["loss"]
+
+
+def test_s2d_refreshes_and_logs(tmp_path):
+    config = _config(reg_config={"refresh_every": 2, "selection": "all", "lam": 0.5})
+    model, task = _fresh(config=config)
+    result = train(model, task, config, None, progress=False)
+    assert [r["step"] for r in result.reg_log] == [0, 2, 4]
+    assert all(h["penalty"] > 0 for h in result.history)
+    assert all(h["sigma_max"] > 0 and h["max_abs_act"] > 0 for h in result.history)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    config = _config(checkpoint_every=2)
+    model, task = _fresh(config=config)
+    original = task.batch
+
+    def poisoned(step, *args, **kwargs):
+        if step == 3:
+            with torch.no_grad():
+                model.model.embed_tokens.weight.fill_(float("nan"))
+        return original(step, *args, **kwargs)
+    task.batch = poisoned
+    with pytest.raises(S2DError, match=r"loss became nan at step 3.*step-2"):
+        train(model, task, config, tmp_path, progress=False)
+    weights = load_file(tmp_path / "step-2" / "model.safetensors")
+    assert all(torch.isfinite(t).all() for t in weights.values())
+
+
+def test_resume_refuses_another_model_or_world_size(tmp_path):
+    config = _config(steps=3)
+    model, task = _fresh(config=config)
+    train(model, task, config, tmp_path, model_name="tiny:llama", progress=False)
+    config = _config(steps=6)
+    other, task = _fresh("tiny:qwen2", config)
+    with pytest.raises(S2DError, match="written for model='tiny:llama'"):
+        train(other, task, config, tmp_path, model_name="tiny:qwen2", progress=False)
+    meta = tmp_path / "step-3" / "meta.json"
+    meta.write_text(json.dumps({**json.loads(meta.read_text()), "world_size": 4}))
+    model, task = _fresh(config=config)
+    with pytest.raises(S2DError, match="world_size=4"):
+        train(model, task, config, tmp_path, model_name="tiny:llama", progress=False)
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
+    config = _config(steps=3)
+    model, task = _fresh(config=config)
+    train(model, task, config, tmp_path, model_name="tiny:llama", progress=False)
+    (tmp_path / "step-3" / "trainer_state.pt").write_bytes(b"not a checkpoint")
+    model, task = _fresh(config=_config())
+    with pytest.raises(S2DError, match="unreadable"):
+        train(model, task, _config(), tmp_path, model_name="tiny:llama", progress=False)
+
+
+@pytest.mark.parametrize(("kw", "match"), [
+    ({"task": "speech"}, "task"), ({"reg": "magic"}, "reg"), ({"batch_size": 3}, "divisible"), ({"lr": 0}, "lr"),
+])
+def test_bad_train_config(kw, match):
+    with pytest.raises(S2DError, match=match):
+        _config(**kw).validate()
+
+
+def _finetune_cmd(out, launcher):
+    args = ["finetune", "tiny:llama", "--steps", "3", "--batch-size", "4", "--seq-len", "32", "--lr", "1e-3",
+            "--reg", "s2d", "--reg-option", "refresh_every=2", "--reg-option", "tau=0.2", "--eval-every", "0",
+            "--checkpoint-every", "3", "--out", str(out)]
+    return launcher + ["-m", "s2d"] + args
+
+
+def test_ddp_two_processes_equal_one(tmp_path):
+    """torchrun with 2 CPU processes (gloo) against 1 process, same global batch: same final weights."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run(_finetune_cmd(tmp_path / "one", [sys.executable]), env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-2000:]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    two = subprocess.run(_finetune_cmd(tmp_path / "two", torchrun), env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert two.returncode == 0, two.stderr[-2000:]
+    a = load_file(tmp_path / "one" / "model" / "model.safetensors")
+    b = load_file(tmp_path / "two" / "model" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6, msg=name)
+    reloaded, _ = load_model(tmp_path / "two" / "model")
+    assert sum(p.numel() for p in reloaded.parameters()) == sum(t.numel() for t in a.values())
