@@ -1,6 +1,7 @@
 """S2D's per-step overhead against plain AdamW on SmolLM2, measured side by side in one process.
 
-Arms alternate step by step (plain, S2D, plain, S2D, ...) so that machine noise hits both alike. The S2D
+Arms alternate step by step, and which arm goes first flips every step, so that machine noise and cache
+effects hit both alike. The S2D
 arm's steps between refreshes are timed directly; the refresh (top-K SVD of every targeted weight plus
 PCDR on the captured inputs) is timed separately, and the amortized overhead at refresh interval m is
 
@@ -78,8 +79,9 @@ def main() -> None:
     times = {"plain": [], "s2d": []}
     for step in range(1, args.steps + 1):
         batch = task.batch(step, 0, args.batch)
-        times["plain"].append(timed(lambda b=batch: one_step(plain, opt_plain, b, None)))
-        times["s2d"].append(timed(lambda b=batch: one_step(reg_model, opt_reg, b, reg)))
+        arms = [("plain", plain, opt_plain, None), ("s2d", reg_model, opt_reg, reg)]
+        for name, model, opt, r in arms if step % 2 else arms[::-1]:
+            times[name].append(timed(lambda m=model, o=opt, b=batch, r=r: one_step(m, o, b, r)))
 
     def med(arm, i):
         return float(torch.tensor([t[i] for t in times[arm]]).median())
@@ -92,7 +94,7 @@ def main() -> None:
         "plain_step_s": {"wall": plain_wall, "process": med("plain", 1)},
         "s2d_step_s": {"wall": s2d_wall, "process": med("s2d", 1)},
         "refresh_s": {"wall": refresh_only[0], "process": refresh_only[1]},
-        "first_step_with_refresh_s": {"wall": refresh_step[0], "process": refresh_step[1]},
+        "first_step_with_cold_refresh_s": {"wall": refresh_step[0], "process": refresh_step[1]},
         "per_step_overhead": s2d_wall / plain_wall - 1,
         "amortized_overhead": amortized,
         "selected_layers": sum(1 for f in reg.factors.values() if f["k_target"]),
