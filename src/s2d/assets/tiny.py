@@ -37,6 +37,32 @@ def _configs():
 TINY_FAMILIES = ("llama", "qwen2", "gemma3", "bert", "mpnet", "vit")
 
 
+def _scratch_configs():
+    from transformers import ViTConfig
+
+    # A small ViT for pre-training on Fashion-MNIST here: 16 patches of 7x7, d=128, 6 blocks (~1.2M parameters).
+    return {"vit-fmnist": ("ViTForImageClassification",
+                           ViTConfig(hidden_size=128, intermediate_size=512, num_hidden_layers=6, num_attention_heads=4,
+                                     image_size=28, patch_size=7, num_channels=1, num_labels=10))}
+
+
+SCRATCH_MODELS = ("vit-fmnist",)
+
+
+def scratch_model(name: str, *, dtype: torch.dtype = torch.float32, seed: int = TINY_SEED):
+    """A randomly initialized model meant for pre-training here (no tokenizer for vision models)."""
+    import transformers
+
+    configs = _scratch_configs()
+    if name not in configs:
+        raise S2DError(f"unknown scratch model {name!r}; choose one of {', '.join(SCRATCH_MODELS)}")
+    cls_name, config = configs[name]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = getattr(transformers, cls_name)(config).to(dtype).eval()
+    return model, None
+
+
 def tiny_model(family: str, *, dtype: torch.dtype = torch.float32, seed: int = TINY_SEED):
     """Return a seeded random model of `family` and a byte-level tokenizer (None for vit)."""
     import transformers
