@@ -153,3 +153,14 @@ def test_calibration_batch():
 def test_calibration_batch_bad_input(text, n, length, match):
     with pytest.raises(S2DError, match=match):
         calibration_batch(byte_tokenizer(), text, n_samples=n, seq_len=length)
+
+
+def test_scratch_vit_for_pretraining():
+    from s2d.arch import describe
+
+    model, processor = load_model("scratch:vit-fmnist")
+    assert processor is None and len(describe(model).blocks) == 6
+    logits = model(pixel_values=torch.zeros(2, 1, 28, 28)).logits
+    assert logits.shape == (2, 10)
+    with pytest.raises(S2DError, match="unknown scratch model"):
+        load_model("scratch:resnet")
