@@ -1,0 +1,131 @@
+"""`s2d eval`: perplexity on the held-out wiki test split and the zero-shot tasks, into one run folder."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+from torch import nn
+
+from s2d.config import Config
+from s2d.errors import S2DError
+from s2d.eval.multiple_choice import score_multiple_choice
+from s2d.eval.perplexity import CONVENTIONS, perplexity
+from s2d.eval.tasks import TASKS, build_task
+
+PPL_SOURCES = {"ppl:wiki": "test"}  # perplexity task -> wiki split; held-out text only
+DEFAULT_TASKS = ("ppl:wiki", "analogy-mc", "polarity", "wiki-cloze")
+
+
+@dataclasses.dataclass
+class EvalConfig(Config):
+    """What `s2d eval` runs. `limit` caps examples per task and windows per perplexity run."""
+
+    VERSION = 1
+    tasks: tuple[str, ...] = DEFAULT_TASKS
+    seq_lens: tuple[int, ...] = (128,)
+    ppl_tokens: int = 65536  # the fixed slice: the first ppl_tokens tokens of the wiki test split
+    convention: str = "windows"
+    limit: int | None = None
+    batch_size: int = 16  # sequences per forward for multiple choice
+    ppl_batch_size: int | None = None  # windows per forward; None = about 2k tokens per forward
+    seed: int = 0
+
+    def validate(self) -> EvalConfig:
+        known = [*PPL_SOURCES, *TASKS]
+        for name in self.tasks:
+            if name not in known:
+                raise S2DError(f"unknown task {name!r}; known tasks: {', '.join(known)}")
+        if not self.tasks:
+            raise S2DError(f"no tasks given; choose from {', '.join(known)}")
+        if self.convention not in CONVENTIONS:
+            raise S2DError(f"unknown convention {self.convention!r}; use one of {', '.join(CONVENTIONS)}")
+        if self.limit is not None and self.limit < 1:
+            raise S2DError(f"--limit must be at least 1, got {self.limit}")
+        if self.ppl_tokens < 2 or not self.seq_lens or min(self.seq_lens) < 2:
+            raise S2DError("--ppl-tokens and every --seq-len must be at least 2")
+        return self
+
+
+def parse_list(text: str, kind: type = str) -> tuple:
+    """'a,b,c' -> ('a', 'b', 'c'); with kind=int, integers (a helpful S2DError otherwise)."""
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    try:
+        return tuple(kind(t) for t in items)
+    except ValueError as err:
+        raise S2DError(f"expected a comma-separated list of {kind.__name__}s, got {text!r}") from err
+
+
+def evaluate(model: nn.Module, tokenizer, config: EvalConfig, progress: bool = True) -> dict:
+    """Run every task of `config` on an in-memory causal LM; returns metrics keyed by task (ppl per seq_len)."""
+    from s2d.assets import wiki_tokens
+
+    config.validate()
+    if tokenizer is None:
+        raise S2DError("evaluation needs the model's tokenizer")
+    results: dict[str, dict] = {}
+    for name in config.tasks:
+        t0 = time.perf_counter()
+        if name in PPL_SOURCES:
+            split = PPL_SOURCES[name]
+            tokens = wiki_tokens(tokenizer, split)[: config.ppl_tokens]
+            for seq_len in config.seq_lens:
+                t0 = time.perf_counter()
+                ids = tokens if config.limit is None else tokens[: config.limit * seq_len]
+                r = perplexity(model, ids, seq_len=seq_len, batch_size=config.ppl_batch_size,
+                               convention=config.convention, prefix_token_id=tokenizer.bos_token_id,
+                               progress=progress)
+                results[f"{name}@{seq_len}"] = {
+                    **r.to_dict(), "source": f"wiki {split} split, first {ids.numel():,} tokens",
+                    "seconds": round(time.perf_counter() - t0, 2),
+                    "tokens_per_second": round(r.n_tokens / (time.perf_counter() - t0), 1)}
+        else:
+            task = build_task(name, seed=config.seed, limit=config.limit)
+            r = score_multiple_choice(model, tokenizer, task.examples, batch_size=config.batch_size,
+                                      progress=progress)
+            results[name] = {**r.to_dict(), "version": task.version, "chance": _chance(task),
+                             "seconds": round(time.perf_counter() - t0, 2)}
+    return results
+
+
+def _chance(task) -> float:
+    return sum(1 / len(ex.choices) for ex in task.examples) / len(task.examples)
+
+
+def report_markdown(model_name: str, config: EvalConfig, results: dict, command: str) -> str:
+    """report.md of an eval run: one table for perplexity, one for the tasks, and the command."""
+    from s2d.report import fmt, md_table
+
+    ppl = [(k, v["convention"], v["seq_len"], v["n_windows"], v["n_tokens"], v["ppl"], v["nll_mean"])
+           for k, v in results.items() if "ppl" in v]
+    mc = [(k, v["version"], v["n"], v["acc"], v["acc_norm"], v["chance"]) for k, v in results.items() if "acc" in v]
+    parts = [f"# Evaluation of {model_name}\n", f"Command: `{command}`\n"]
+    if ppl:
+        parts += ["## Perplexity\n", md_table(["task", "convention", "seq_len", "windows", "tokens scored", "ppl",
+                                               "mean NLL (nats)"], ppl)]
+    if mc:
+        parts += ["## Zero-shot multiple choice\n",
+                  md_table(["task", "version", "examples", "acc", "acc_norm", "chance"], mc)]
+    parts.append(f"Seed {config.seed}; limit {fmt(config.limit)}.\n")
+    return "\n".join(parts)
+
+
+def run_eval(model_spec: str, config: EvalConfig, out: str | Path, trust_remote_code: bool = False) -> dict:
+    """Load a model, evaluate it, and write config.yaml, metrics.json and report.md into the run folder `out`."""
+    import sys
+
+    from s2d.assets import load_model
+    from s2d.runs import RunFolder
+
+    config.validate()
+    run = RunFolder(out, "eval", {"model": str(model_spec), **config.to_dict()}, seed=config.seed)
+    model, tokenizer = load_model(model_spec, trust_remote_code=trust_remote_code)
+    results = evaluate(model, tokenizer, config)
+    metrics = {"model": str(model_spec), "tasks": results,
+               "units": {"ppl": "exp(mean NLL per scored token)", "nll_mean": "nats per token",
+                         "acc": "fraction", "seconds": "wall-clock seconds"}}
+    run.write_metrics(metrics)
+    command = "s2d " + " ".join(sys.argv[1:]) if sys.argv[1:] else f"s2d eval {model_spec}"
+    run.write_text("report.md", report_markdown(str(model_spec), config, results, command))
+    return metrics
