@@ -1,0 +1,106 @@
+"""The one verb: `quantize(model, QuantConfig, filter=..., calib=...)`, torchao style.
+
+It is `prepare` (the function-preserving outlier baselines: rotation, SmoothQuant) followed by `convert`
+(weights by RTN or GPTQ, inputs fake-quantized, static activation scales calibrated). The two halves are
+public so a caller can keep the prepared full-precision model as a reference (per-layer SQNR does).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from s2d.arch import describe
+from s2d.arch.runner import model_inputs
+from s2d.quant.calib import CalibBatch, iter_chunks, require_calib
+from s2d.quant.config import QuantConfig
+from s2d.quant.gptq import gptq_model
+from s2d.quant.linear import FakeQuantLinear, QuantLinear
+from s2d.quant.rotate import check_rotatable, rotate_model
+from s2d.quant.smooth import smooth_model
+from s2d.quant.swap import swap_linears
+
+Filter = Callable[[nn.Module, str], bool]
+
+
+def quantize(model: nn.Module, config: QuantConfig, filter: Filter | None = None, calib: CalibBatch | None = None,
+             *, chunk_size: int = 8, progress: bool = True) -> nn.Module:
+    """Quantize `model` in place and return it: baselines, then the targeted Linears (default: all block Linears)."""
+    _check_inputs(model, config, calib)
+    prepare(model, config, filter, calib, chunk_size=chunk_size)
+    return convert(model, config, filter, calib, chunk_size=chunk_size, progress=progress)
+
+
+@torch.no_grad()
+def prepare(model: nn.Module, config: QuantConfig, filter: Filter | None = None, calib: CalibBatch | None = None,
+            *, chunk_size: int = 8) -> nn.Module:
+    """Apply the config's function-preserving baselines (rotation, SmoothQuant) in place."""
+    _check_inputs(model, config, calib)
+    if config.rotate:
+        rotate_model(model, seed=config.seed)
+    if config.smooth_alpha is not None:
+        smooth_model(model, calib, config.smooth_alpha, filter, chunk_size)
+    return model
+
+
+@torch.no_grad()
+def convert(model: nn.Module, config: QuantConfig, filter: Filter | None = None, calib: CalibBatch | None = None,
+            *, chunk_size: int = 8, progress: bool = True) -> nn.Module:
+    """Swap the targeted Linears for QuantLinears (RTN or GPTQ weights) and calibrate static activation scales."""
+    _check_inputs(model, config, calib)
+    desc = describe(model)
+    target = filter or desc.is_target
+    w_spec, a_spec, static = config.weight_spec(), config.act_spec(), config.a_static
+    if config.method == "gptq":
+        def make(linear, q, scale, zero):
+            return QuantLinear.from_linear(linear, w_spec, a_spec, static, q, scale, zero)
+
+        gptq_model(model, calib, w_spec, make, target, config.gptq_block_size, config.gptq_damp,
+                   config.gptq_act_order, chunk_size, progress)
+    else:
+        swap_linears(model, target, lambda linear, name: QuantLinear.from_linear(linear, w_spec, a_spec, static))
+    if static and a_spec is not None:
+        calibrate_activations(model, calib, chunk_size)
+    model.s2d_quant_config = config
+    return model
+
+
+@torch.no_grad()
+def calibrate_activations(model: nn.Module, calib: CalibBatch, chunk_size: int = 8) -> None:
+    """Set every static QuantLinear's activation scale from the calibration batch (all layers in one pass)."""
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear) and m.a_static]
+    for m in layers:
+        m.start_calibration()
+    desc = describe(model)
+    try:
+        for chunk in iter_chunks(calib, chunk_size):
+            model(**model_inputs(desc, chunk))
+    finally:
+        for m in layers:
+            m.finish_calibration()
+
+
+def prepare_qat(model: nn.Module, config: QuantConfig, filter: Filter | None = None) -> nn.Module:
+    """Swap the targeted Linears for FakeQuantLinears (float weights, STE gradients) for quantization-aware training."""
+    target = filter or describe(model).is_target
+    w_spec, a_spec = config.weight_spec(), config.act_spec()
+    swap_linears(model, target, lambda linear, name: FakeQuantLinear.from_linear(linear, w_spec, a_spec))
+    return model
+
+
+def quantized_layers(model: nn.Module) -> dict[str, QuantLinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+
+
+def _check_inputs(model: nn.Module, config: QuantConfig, calib: CalibBatch | None) -> None:
+    """Fail before any work: missing calibration data or an unsupported rotation."""
+    if config.method == "gptq":
+        require_calib(calib, "GPTQ (to build each layer's Hessian)")
+    if config.a_static and config.a_bits is not None:
+        require_calib(calib, "static activation scales")
+    if config.smooth_alpha is not None:
+        require_calib(calib, "SmoothQuant (to measure activation ranges)")
+    if config.rotate:
+        check_rotatable(model)

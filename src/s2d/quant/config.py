@@ -1,0 +1,112 @@
+"""QuantConfig: the small versioned dataclass every quantized model is made from and saved with."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any
+
+from s2d.config import Config
+from s2d.errors import S2DError
+from s2d.quant.primitives import GRANULARITIES, OBSERVERS, QuantSpec, check_bits
+
+# The field's names. "A16" means activations left in floating point, as papers write W4A16.
+SCHEMES = ("W8A8", "W6A6", "W4A8", "W4A4", "W4A16", "W3A4")
+METHODS = ("rtn", "gptq")
+_SCHEME_RE = re.compile(r"^W(\d+)A(\d+)$", re.IGNORECASE)
+
+
+@dataclasses.dataclass
+class QuantConfig(Config):
+    """Weight and activation quantization, the weight method, and the outlier baselines applied first."""
+
+    VERSION = 1
+
+    w_bits: int | None = 8  # None: weights stay in floating point
+    w_granularity: str = "per_channel"  # per_tensor | per_channel | per_group
+    w_group_size: int | None = None
+    w_symmetric: bool = True
+    w_observer: str = "minmax"  # minmax | percentile | mse
+    a_bits: int | None = 8  # None: activations stay in floating point
+    a_granularity: str = "per_token"  # per_token | per_tensor
+    a_symmetric: bool = True
+    a_observer: str = "minmax"
+    a_static: bool = False  # static scales are calibrated once (per_tensor); dynamic ones come from each input
+    percentile: float = 99.9
+    method: str = "rtn"  # rtn | gptq
+    gptq_block_size: int = 128
+    gptq_damp: float = 0.01  # added to the Hessian's diagonal, as a fraction of its mean
+    gptq_act_order: bool = True
+    smooth_alpha: float | None = None  # SmoothQuant migration strength; None = off
+    rotate: bool = False  # QuaRot-style Hadamard rotation of the residual stream + online before down/fc2
+    seed: int = 0
+
+    def __post_init__(self):
+        self.weight_spec()
+        self.act_spec()
+        if self.w_granularity == "per_token":
+            raise S2DError("per_token is an activation granularity; weights use per_tensor, per_channel or per_group")
+        if self.a_granularity in ("per_channel", "per_group"):
+            raise S2DError(f"activations use per_token or per_tensor, not {self.a_granularity}")
+        if self.a_static and self.a_bits is not None and self.a_granularity != "per_tensor":
+            raise S2DError("static activation scales are per_tensor (a per-token scale depends on the token); set "
+                           "a_granularity='per_tensor' or a_static=False")
+        if self.method not in METHODS:
+            raise S2DError(f"unknown weight method {self.method!r}; use one of {', '.join(METHODS)}")
+        if self.method == "gptq" and self.w_bits is None:
+            raise S2DError("GPTQ quantizes weights: give w_bits (e.g. scheme W4A16), or use method='rtn'")
+        if self.gptq_block_size < 1 or not 0 <= self.gptq_damp < 1:
+            raise S2DError("gptq_block_size must be positive and gptq_damp in [0, 1)")
+        if self.smooth_alpha is not None and not 0 <= self.smooth_alpha <= 1:
+            raise S2DError(f"SmoothQuant alpha must be in [0, 1] (0.5 is the paper's default), got {self.smooth_alpha}")
+        if self.smooth_alpha is not None and self.rotate:
+            raise S2DError("choose SmoothQuant or rotation, not both: the online rotation before down/fc2 leaves no "
+                           "place to fold the smoothing scale of the down input")
+
+    @classmethod
+    def from_scheme(cls, scheme: str, **overrides: Any) -> QuantConfig:
+        """A config for a scheme name such as "W4A4" (any WnAm with n, m in 2..16; 16 means floating point)."""
+        w_bits, a_bits = parse_scheme(scheme)
+        return cls(w_bits=w_bits, a_bits=a_bits, **overrides)
+
+    @property
+    def scheme(self) -> str:
+        return f"W{self.w_bits or 16}A{self.a_bits or 16}"
+
+    @property
+    def label(self) -> str:
+        """A short name for tables: scheme, method and baselines, e.g. "W4A4 rotate+gptq"."""
+        steps = (["rotate"] if self.rotate else []) + ([f"smooth{self.smooth_alpha:g}"]
+                                                         if self.smooth_alpha is not None else [])
+        return f"{self.scheme} {'+'.join([*steps, self.method])}"
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.method == "gptq" or self.smooth_alpha is not None or (self.a_static and self.a_bits is not None)
+
+    def weight_spec(self) -> QuantSpec | None:
+        if self.w_bits is None:
+            return None
+        check_bits(self.w_bits, "weight bits")
+        return QuantSpec(self.w_bits, self.w_symmetric, self.w_granularity, self.w_group_size, self.w_observer,
+                         self.percentile)
+
+    def act_spec(self) -> QuantSpec | None:
+        if self.a_bits is None:
+            return None
+        check_bits(self.a_bits, "activation bits")
+        return QuantSpec(self.a_bits, self.a_symmetric, self.a_granularity, None, self.a_observer, self.percentile)
+
+
+def parse_scheme(scheme: str) -> tuple[int | None, int | None]:
+    """("W4A8") -> (4, 8); 16 bits means floating point (None), as the field writes W4A16."""
+    match = _SCHEME_RE.match(scheme.strip())
+    if not match:
+        raise S2DError(f"unknown scheme {scheme!r}: write W<bits>A<bits>, e.g. {', '.join(SCHEMES)}")
+    w, a = int(match.group(1)), int(match.group(2))
+    check_bits(w, f"weight bits in {scheme}")
+    check_bits(a, f"activation bits in {scheme}")
+    return (None if w == 16 else w), (None if a == 16 else a)
+
+
+__all__ = ["GRANULARITIES", "METHODS", "OBSERVERS", "SCHEMES", "QuantConfig", "parse_scheme"]

@@ -1,0 +1,154 @@
+"""QuantLinear (integer weights + scales, fake-quantized inputs) and FakeQuantLinear (for QAT, with an STE)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from s2d.quant.primitives import (
+    QuantSpec,
+    RangeObserver,
+    choose_qparams,
+    dequantize_affine,
+    fake_quantize,
+    quantize_affine,
+)
+from s2d.quant.rotate import Rotation
+
+
+class QuantLinear(nn.Module):
+    """A Linear holding integer weights with their scales (and zero points), whose input is fake-quantized.
+
+    Buffers: `qweight` (out x in, integer), `weight_scale` and `weight_zero_point` (one per block),
+    `act_scale`/`act_zero_point` when activation scales are static, and an optional online `rotation` of the
+    input. `weight` is the dequantized weight, kept (not saved) so a forward is one matmul.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, w_spec: QuantSpec | None,
+                 a_spec: QuantSpec | None, a_static: bool = False, rotation: Rotation | None = None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.w_spec, self.a_spec, self.a_static = w_spec, a_spec, bool(a_static and a_spec is not None)
+        self.rotation = rotation
+        self.observer: RangeObserver | None = None
+        if w_spec is None:
+            self.register_buffer("fp_weight", torch.zeros(out_features, in_features))
+        else:
+            self.block_size = w_spec.block_size((out_features, in_features))
+            counts = (out_features // self.block_size[0], in_features // self.block_size[1])
+            self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=w_spec.int_dtype))
+            self.register_buffer("weight_scale", torch.ones(counts))
+            self.register_buffer("weight_zero_point",
+                                 None if w_spec.symmetric else torch.zeros(counts, dtype=w_spec.int_dtype))
+        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+        if self.a_static:
+            self.register_buffer("act_scale", torch.ones(()))
+            zero = None if a_spec.symmetric else torch.zeros((), dtype=a_spec.int_dtype)
+            self.register_buffer("act_zero_point", zero)
+        self.register_buffer("weight", torch.zeros(out_features, in_features), persistent=False)
+
+    @classmethod
+    @torch.no_grad()
+    def from_linear(cls, linear: nn.Linear, w_spec: QuantSpec | None, a_spec: QuantSpec | None,
+                    a_static: bool = False, qweight: torch.Tensor | None = None,
+                    scale: torch.Tensor | None = None, zero_point: torch.Tensor | None = None) -> QuantLinear:
+        """Quantize `linear` by RTN, or wrap integer weights a method (GPTQ) already chose."""
+        rotation = getattr(linear, "rotation", None)
+        new = cls(linear.in_features, linear.out_features, linear.bias is not None, w_spec, a_spec, a_static,
+                  rotation)
+        weight = linear.weight.detach().float()
+        if w_spec is None:
+            new.fp_weight.copy_(weight)
+        else:
+            if qweight is None:
+                scale, zero_point = choose_qparams(weight, w_spec, new.block_size)
+                qweight = quantize_affine(weight, scale, zero_point, w_spec, new.block_size)
+            new.qweight.copy_(qweight)
+            new.weight_scale.copy_(scale)
+            if zero_point is not None:
+                new.weight_zero_point.copy_(zero_point)
+        if linear.bias is not None:
+            new.bias.copy_(linear.bias.detach())
+        new.refresh()
+        return new.to(linear.weight.device)
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        """Recompute the dequantized weight from the integer one (after loading buffers)."""
+        if self.w_spec is None:
+            self.weight = self.fp_weight.clone()
+        else:
+            self.weight = dequantize_affine(self.qweight, self.weight_scale, self.weight_zero_point, self.block_size)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self.refresh()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.rotation is not None:
+            x = self.rotation(x)
+        if self.a_spec is not None:
+            if self.observer is not None:  # calibrating static scales: observe, do not quantize yet
+                self.observer.update(x)
+            elif self.a_static:
+                ones = [1] * x.dim()
+                zero = None if self.act_zero_point is None else self.act_zero_point.reshape(ones)
+                x = fake_quantize(x, self.a_spec, self.act_scale.reshape(ones), zero)
+            else:
+                x = fake_quantize(x, self.a_spec)
+        return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    def start_calibration(self) -> None:
+        if self.a_static:
+            self.observer = RangeObserver(self.a_spec)
+
+    @torch.no_grad()
+    def finish_calibration(self) -> None:
+        if self.observer is None:
+            return
+        scale, zero = self.observer.qparams()
+        self.act_scale.copy_(scale.reshape(()))
+        if zero is not None:
+            self.act_zero_point.copy_(zero.reshape(()))
+        self.observer = None
+
+    def plain_weight(self) -> torch.Tensor:
+        """The dequantized weight with any online rotation folded back in: a plain Linear's equivalent weight."""
+        if self.rotation is None:
+            return self.weight.clone()
+        return (self.weight.double() @ self.rotation.matrix().t()).float()
+
+    def extra_repr(self) -> str:
+        w = "fp" if self.w_spec is None else f"W{self.w_spec.bits} {self.w_spec.granularity}"
+        a = "fp" if self.a_spec is None else f"A{self.a_spec.bits} {self.a_spec.granularity}"
+        a += " static" if self.a_static else ""
+        rot = ", rotated input" if self.rotation is not None else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, {w}, {a}{rot}"
+
+
+class FakeQuantLinear(nn.Linear):
+    """For quantization-aware training: float weights, fake-quantized (weights and inputs) in the forward.
+
+    Gradients pass through the rounding by the straight-through estimator.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, w_spec: QuantSpec | None,
+                 a_spec: QuantSpec | None):
+        super().__init__(in_features, out_features, bias=bias)
+        self.w_spec, self.a_spec = w_spec, a_spec
+
+    @classmethod
+    @torch.no_grad()
+    def from_linear(cls, linear: nn.Linear, w_spec: QuantSpec | None, a_spec: QuantSpec | None) -> FakeQuantLinear:
+        new = cls(linear.in_features, linear.out_features, linear.bias is not None, w_spec, a_spec)
+        new.weight.copy_(linear.weight)
+        if linear.bias is not None:
+            new.bias.copy_(linear.bias)
+        return new.to(linear.weight.device, linear.weight.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight if self.w_spec is None else fake_quantize(self.weight, self.w_spec)
+        if self.a_spec is not None:
+            x = fake_quantize(x, self.a_spec)
+        return F.linear(x, w, self.bias)

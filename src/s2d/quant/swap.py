@@ -1,0 +1,27 @@
+"""Module swapping, gpt-fast style: replace the Linears a filter selects, by walking the module tree."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import nn
+
+
+def swap_linears(module: nn.Module, filter: Callable[[nn.Module, str], bool],
+                 make: Callable[[nn.Linear, str], nn.Module], prefix: str = "") -> int:
+    """Replace every nn.Linear under `module` for which filter(linear, qualified name) holds; returns the count."""
+    count = 0
+    for name, child in module.named_children():
+        full = f"{prefix}.{name}" if prefix else name
+        if isinstance(child, nn.Linear) and filter(child, full):
+            setattr(module, name, make(child, full))
+            count += 1
+        else:
+            count += swap_linears(child, filter, make, full)
+    return count
+
+
+def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put `module` at the qualified `name` in `model`."""
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
