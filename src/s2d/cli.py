@@ -50,6 +50,48 @@ def _finetune(args: argparse.Namespace) -> None:
     print(f"finetuned {args.model} for {result.steps} steps in {result.seconds:.1f} s; run folder: {out}")
 
 
+def _eval(args: argparse.Namespace) -> None:
+    from s2d.eval.suite import EvalConfig, parse_list, run_eval
+    from s2d.runs import default_run_dir
+
+    config = EvalConfig(tasks=parse_list(args.tasks), seq_lens=parse_list(args.seq_len, int), limit=args.limit,
+                        convention=args.convention, seed=args.seed)
+    if args.ppl_tokens is not None:
+        config.ppl_tokens = args.ppl_tokens
+    if args.batch_size is not None:
+        config.batch_size = args.batch_size
+    out = args.out or default_run_dir("eval")
+    metrics = run_eval(args.model, config, out, trust_remote_code=args.trust_remote_code)
+    for name, m in metrics["tasks"].items():
+        value = f"ppl {m['ppl']:.4f} on {m['n_tokens']:,} tokens" if "ppl" in m else \
+            f"acc {m['acc']:.4f} acc_norm {m['acc_norm']:.4f} on {m['n']} examples"
+        print(f"{name:<16} {value}")
+    print(f"run folder: {out}")
+
+
+def _compress(args: argparse.Namespace) -> None:
+    from s2d.lowrank import LowRankConfig
+    from s2d.lowrank.run import run_compress
+    from s2d.runs import default_run_dir
+
+    ranks = {k: int(v) for k, v in _parse_options(args.ranks).items()} if args.ranks else None
+    config = LowRankConfig(method=args.method, keep=None if ranks and args.keep is None else (args.keep or 0.8),
+                           schedule=args.schedule, ranks=ranks, search=args.search, calib=args.calib,
+                           n_samples=args.n_samples, seq_len=args.seq_len, seed=args.seed)
+    tasks = tuple(t.strip() for t in args.eval.split(",") if t.strip()) if args.eval else ()
+    out = args.out or default_run_dir("compress")
+    m = run_compress(args.model, config, out, tasks, merge=args.merge, save_model=not args.no_model,
+                     eval_limit=args.limit)
+    s = m["compression"]["summary"]
+    print(f"{args.method}: {s['params_before']:,} -> {s['params_after']:,} parameters ({s['fraction_kept']:.2%} "
+          f"of the model, {s['block_linear_fraction_kept']:.2%} of block Linears) in "
+          f"{m['compression']['seconds']:.1f} s, peak {m['compression']['peak_rss_mb']:.0f} MiB")
+    for name, r in m["eval"].items():
+        value = f"ppl {r['ppl']:.4f}" if "ppl" in r else f"acc {r['acc']:.4f} acc_norm {r['acc_norm']:.4f}"
+        print(f"{name:<16} {value}")
+    print(f"run folder: {out}")
+
+
 def _parse_options(pairs: list[str]) -> dict:
     """KEY=VALUE pairs, values read as YAML scalars (numbers, booleans, strings)."""
     import yaml
@@ -95,6 +137,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="a TrainConfig YAML or JSON; flags override it")
     p.add_argument("--out", help="run folder (default runs/finetune-<time>); an existing one is resumed")
     p.set_defaults(func=_finetune)
+
+    p = sub.add_parser("eval", help="perplexity on held-out wiki text and zero-shot tasks; writes a run folder")
+    p.add_argument("model", help="smollm2-135m, tiny:<family>, or a local HF causal-LM folder")
+    p.add_argument("--tasks", default="ppl:wiki,analogy-mc,polarity,wiki-cloze",
+                   help="comma list of ppl:wiki, analogy-mc, polarity, wiki-cloze")
+    p.add_argument("--limit", type=int, help="at most N examples per task and N windows per perplexity")
+    p.add_argument("--seq-len", dest="seq_len", default="128", help="perplexity window length(s), e.g. 128,1024")
+    p.add_argument("--ppl-tokens", dest="ppl_tokens", type=int,
+                   help="perplexity on the first N tokens of the wiki test split (default 65536)")
+    p.add_argument("--convention", choices=["windows", "rolling"], default="windows",
+                   help="windows: GPTQ/QuaRot non-overlapping windows; rolling: lm-eval's loglikelihood_rolling")
+    p.add_argument("--batch-size", dest="batch_size", type=int, help="sequences per forward for the tasks")
+    p.add_argument("--seed", type=int, default=0, help="seed of the task builders")
+    p.add_argument("--out", help="run folder (default runs/eval-<time>)")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow a local folder's custom code to run")
+    p.set_defaults(func=_eval)
+
+    p = sub.add_parser("compress", help="low-rank compression (svd, asvd, rom) by budget or surgical search")
+    p.add_argument("model", help="smollm2-135m, tiny:<family>, or a local HF folder (read block by block)")
+    p.add_argument("--method", choices=["rom", "asvd", "svd"], default="rom")
+    p.add_argument("--keep", type=float, help="fraction of the whole model's parameters kept (default 0.8)")
+    p.add_argument("--schedule", choices=["tail", "uniform"], default="tail",
+                   help="tail: uniform b over the last N blocks (paper presets); uniform: every block")
+    p.add_argument("--ranks", action="append", metavar="ROLE=RANK", help="explicit rank per role, e.g. q=64")
+    p.add_argument("--search", choices=["ppl"], help="surgical rank search (stops at --keep if given)")
+    p.add_argument("--calib", default="wiki", help="calibration text (wiki: the train split)")
+    p.add_argument("--n-samples", dest="n_samples", type=int, default=512)
+    p.add_argument("--seq-len", dest="seq_len", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval", help="comma list of ppl:wiki, analogy-mc, polarity, wiki-cloze, run after compressing")
+    p.add_argument("--limit", type=int, help="at most N examples per eval task")
+    p.add_argument("--merge", action="store_true", help="save an ordinary dense folder (W = B·A)")
+    p.add_argument("--no-model", dest="no_model", action="store_true", help="do not save the compressed model")
+    p.add_argument("--out", help="run folder (default runs/compress-<time>)")
+    p.set_defaults(func=_compress)
     return parser
 
 

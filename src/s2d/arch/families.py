@@ -16,6 +16,16 @@ ROLES = ("q", "k", "v", "qkv", "o", "gate", "up", "down", "fc1", "fc2")
 # (attn_out, mlp_out) feed the residual stream, not a Linear, so they cannot be folded.
 NORM_FEEDS = {"attn_in": ("q", "k", "v", "qkv"), "mlp_in": ("gate", "up", "fc1")}
 
+# Linears whose output reaches another Linear's input linearly, channel by channel: in a gated MLP the down
+# input is act(gate) * up, so scaling up's output channel j scales down's input channel j (SmoothQuant folds
+# its 1/s there). fc1 -> fc2 passes a nonlinearity and cannot carry a scale.
+LINEAR_FEEDS = {"up": ("down",)}
+
+# Linears that write the residual stream (a residual rotation turns their outputs), and Linears that read a
+# block-internal hidden state rather than the residual (QuaRot rotates their input online).
+RESIDUAL_WRITERS = ("o", "down", "fc2")
+MLP_HIDDEN_READERS = ("down", "fc2")
+
 
 @dataclass(frozen=True)
 class Family:
@@ -31,6 +41,9 @@ class Family:
     main_input: str = "input_ids"
     pre_norm: bool = True
     norm_gain_offset: float = 0.0  # the norm scales by (offset + weight): Gemma's RMSNorm uses 1 + weight
+    # Why an orthogonal rotation of the residual stream (QuaRot) would change this family's function; empty if
+    # it does not: every norm is a pre-RMSNorm whose gain folds into the Linears it feeds.
+    rotation_blocker: str = ""
 
 
 _LLAMA_LINEARS = {
@@ -38,6 +51,8 @@ _LLAMA_LINEARS = {
     "mlp.gate_proj": "gate", "mlp.up_proj": "up", "mlp.down_proj": "down",
 }
 _LLAMA_NORMS = {"input_layernorm": "attn_in", "post_attention_layernorm": "mlp_in"}
+_POST_LN = ("its post-LayerNorms sit inside the residual stream and subtract each token's mean, so their gains "
+            "cannot be folded into Linears and a rotation of the residual stream does not commute with them")
 
 FAMILIES: tuple[Family, ...] = (
     Family("llama", "causal-lm", ("llama",), "layers", _LLAMA_LINEARS, _LLAMA_NORMS,
@@ -47,23 +62,28 @@ FAMILIES: tuple[Family, ...] = (
     Family("gemma3", "causal-lm", ("gemma3_text",), "layers", _LLAMA_LINEARS,
            {"input_layernorm": "attn_in", "post_attention_layernorm": "attn_out",
             "pre_feedforward_layernorm": "mlp_in", "post_feedforward_layernorm": "mlp_out"},
-           "embed_tokens", "norm", ("lm_head",), norm_gain_offset=1.0),
+           "embed_tokens", "norm", ("lm_head",), norm_gain_offset=1.0,
+           rotation_blocker="its post-norms (post_attention_layernorm, post_feedforward_layernorm) rescale each "
+           "branch's output channel by channel inside the residual stream, and its embeddings are scaled; a "
+           "rotation of the residual stream does not commute with them"),
     Family("bert", "encoder", ("bert",), "encoder.layer",
            {"attention.self.query": "q", "attention.self.key": "k", "attention.self.value": "v",
             "attention.output.dense": "o", "intermediate.dense": "fc1", "output.dense": "fc2"},
            {"attention.output.LayerNorm": "attn_out", "output.LayerNorm": "mlp_out"},
-           "embeddings", "", ("classifier",), pre_norm=False),
+           "embeddings", "", ("classifier",), pre_norm=False, rotation_blocker=_POST_LN),
     Family("mpnet", "encoder", ("mpnet",), "encoder.layer",
            {"attention.attn.q": "q", "attention.attn.k": "k", "attention.attn.v": "v", "attention.attn.o": "o",
             "intermediate.dense": "fc1", "output.dense": "fc2"},
            {"attention.LayerNorm": "attn_out", "output.LayerNorm": "mlp_out"},
-           "embeddings", "", ("classifier",), pre_norm=False),
+           "embeddings", "", ("classifier",), pre_norm=False, rotation_blocker=_POST_LN),
     Family("vit", "vision", ("vit",), "layers|encoder.layer",
            {"attention.q_proj|attention.attention.query": "q", "attention.k_proj|attention.attention.key": "k",
             "attention.v_proj|attention.attention.value": "v", "attention.o_proj|attention.output.dense": "o",
             "mlp.fc1|intermediate.dense": "fc1", "mlp.fc2|output.dense": "fc2"},
            {"layernorm_before": "attn_in", "layernorm_after": "mlp_in"},
-           "embeddings", "layernorm", ("classifier",), main_input="pixel_values"),
+           "embeddings", "layernorm", ("classifier",), main_input="pixel_values",
+           rotation_blocker="its LayerNorms subtract each token's mean, which does not commute with a rotation "
+           "(that needs SliceGPT's LayerNorm-to-RMSNorm conversion, which s2d does not implement)"),
 )
 
 
@@ -76,3 +96,11 @@ def family_for(model_type: str) -> Family | None:
 
 def supported() -> str:
     return ", ".join(f"{f.name} ({'/'.join(f.model_types)})" for f in FAMILIES)
+
+
+# Config switches that give a family's Linears a bias, with the roles each switch covers. A merged low-rank
+# export needs them when rom's mean compensation gives a bias to Linears that had none. Absent: no switch.
+BIAS_SWITCHES = {
+    "llama": {"attention_bias": ("q", "k", "v", "o"), "mlp_bias": ("gate", "up", "down")},
+    "gemma3": {"attention_bias": ("q", "k", "v", "o")},
+}

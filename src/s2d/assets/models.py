@@ -115,11 +115,23 @@ def _load_folder(folder: Path, dtype: torch.dtype, trust_remote_code: bool, head
         raise S2DError(f"cannot read the config in {folder}: {err}. If the architecture is custom, pass "
                        "trust_remote_code=True only if you trust that code") from err
     extra = {"num_labels": num_labels} if head and num_labels else {}
+    # Low-rank models written by `s2d compress` list their factorized Linears in a `low_rank` block of
+    # config.json; s2d.lowrank.io rebuilds them (plain from_pretrained would drop the factors).
+    if getattr(config, "low_rank", None):
+        from s2d.lowrank.io import load as load_low_rank
+
+        return load_low_rank(folder, config, _model_class(config, head), dtype), _load_tokenizer(folder)
     try:
         model = _model_class(config, head).from_pretrained(folder, dtype=dtype, trust_remote_code=trust_remote_code,
                                                            **extra)
     except (OSError, ValueError, RuntimeError) as err:
         raise S2DError(f"cannot load the weights in {folder}: {err}") from err
+    # Quantized models written by `s2d quantize` carry a `quantization` block in config.json and their integer
+    # weights in quantization.safetensors; s2d.quant.io swaps the QuantLinears back in (late import).
+    if "quantization" in json.loads((folder / "config.json").read_text()):
+        from s2d.quant.io import restore
+
+        restore(model, folder)
     return model, _load_tokenizer(folder)
 
 

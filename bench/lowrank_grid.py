@@ -1,0 +1,79 @@
+"""SmolLM2 low-rank grid: dense, svd, asvd, rom and rom + surgical search at 90/80/70% of the parameters.
+
+Each cell is one `s2d compress` command with its own run folder under --root; a cell whose metrics.json
+exists is skipped, so the script resumes after an interruption. At the end (or with --table) it prints the
+Markdown table of wiki test perplexity and zero-shot accuracy read from the cells' metrics.json.
+
+Usage: python bench/lowrank_grid.py [--root runs/lowrank-grid] [--table] [--only CELL ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+TASKS = "ppl:wiki,analogy-mc,polarity,wiki-cloze"
+KEEPS = ("0.8", "0.9", "0.7")
+
+
+def cells() -> dict[str, list[str]]:
+    """Cell name -> the `s2d compress` arguments that produce it."""
+    out = {"dense": ["--method", "svd", "--keep", "1"]}
+    for keep in KEEPS:
+        for method in ("svd", "asvd", "rom"):
+            out[f"{method}-{keep}"] = ["--method", method, "--keep", keep]
+    for keep in KEEPS:
+        out[f"rom+search-{keep}"] = ["--method", "rom", "--keep", keep, "--search", "ppl"]
+    return out
+
+
+def command(name: str, args: list[str], root: Path) -> list[str]:
+    return ["s2d", "compress", "smollm2-135m", *args, "--eval", TASKS, "--no-model", "--out", str(root / name)]
+
+
+def table(root: Path) -> str:
+    from s2d.report import md_table
+
+    rows = []
+    for name in cells():
+        path = root / name / "metrics.json"
+        if not path.is_file():
+            rows.append((name, "pending", *[""] * 8))
+            continue
+        m = json.loads(path.read_text())
+        s, ev = m["compression"]["summary"], m["eval"]
+        accs = [ev[t]["acc"] for t in ("analogy-mc", "polarity", "wiki-cloze")]
+        rows.append((name, round(s["fraction_kept"], 4), round(s["block_linear_fraction_kept"], 4),
+                     round(ev["ppl:wiki@128"]["ppl"], 2), *[round(a, 3) for a in accs], round(sum(accs) / 3, 3),
+                     round(m["compression"]["seconds"])))
+    return md_table(["cell", "params kept", "block-Linear params kept", "wiki test ppl@128", "analogy-mc acc",
+                     "polarity acc", "wiki-cloze acc", "mean acc", "compress s"], rows)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--root", type=Path, default=Path("runs/lowrank-grid"))
+    ap.add_argument("--table", action="store_true", help="only print the table of finished cells")
+    ap.add_argument("--only", nargs="*", help="run only these cells")
+    args = ap.parse_args()
+    if not args.table:
+        s2d = str(Path(sys.executable).with_name("s2d"))
+        for name, cell_args in cells().items():
+            if (args.only and name not in args.only) or (args.root / name / "metrics.json").is_file():
+                continue
+            cmd = command(name, cell_args, args.root)
+            print(f"[{time.strftime('%H:%M:%S')}] {' '.join(cmd)}", flush=True)
+            t0 = time.perf_counter()
+            proc = subprocess.run([s2d, *cmd[1:]], capture_output=True, text=True)
+            tail = (proc.stdout + proc.stderr).strip().splitlines()[-12:]
+            print("\n".join(line for line in tail if "\r" not in line and "it/s]" not in line), flush=True)
+            print(f"  -> exit {proc.returncode} after {time.perf_counter() - t0:.0f} s", flush=True)
+    print(table(args.root))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,54 @@
+"""LowRankConfig: which decomposition, how many parameters to keep, and how to calibrate and search."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from s2d.config import Config
+from s2d.errors import S2DError
+
+METHODS = ("svd", "asvd", "rom")
+SCHEDULES = ("tail", "uniform")
+SEARCHES = ("ppl",)
+
+
+@dataclass
+class LowRankConfig(Config):
+    """Defaults follow SPEC §4: rom, 80% of the whole model's parameters, 512×128 wiki-train calibration."""
+
+    method: str = "rom"  # svd (weight space), asvd (whitened SVD), rom (feature space)
+    keep: float | None = 0.8  # fraction of the whole model's parameters kept; None with `ranks`
+    schedule: str = "tail"  # tail: uniform b over the last N blocks (the paper's presets); uniform: every block
+    ranks: dict | None = None  # explicit ranks by role, e.g. {"q": 64, "down": 128}; overrides keep
+    search: str | None = None  # "ppl": surgical rank search (SFSD) instead of a budget preset
+    tolerance: float = 1.005  # search: accept if ppl <= ppl_ref * tolerance ** (layers processed)
+    search_samples: int = 16  # search split: windows of seq_len tokens from wiki validation
+    calib: str = "wiki"  # calibration text: wiki train
+    n_samples: int = 512
+    seq_len: int = 128
+    seed: int = 0
+    sequential: bool = True  # each layer calibrates on the outputs of the already-compressed layers upstream
+    damp: float = 1e-4  # asvd: λ = damp · mean(diag XᵀX) added before Cholesky (raised ×10 if it fails)
+    chunk_size: int = 32  # calibration sequences per forward, to bound activation memory
+
+    def validate(self) -> LowRankConfig:
+        if self.method not in METHODS:
+            raise S2DError(f"method must be one of {', '.join(METHODS)} (got {self.method!r})")
+        if self.schedule not in SCHEDULES:
+            raise S2DError(f"schedule must be one of {', '.join(SCHEDULES)} (got {self.schedule!r})")
+        if self.search is not None and self.search not in SEARCHES:
+            raise S2DError(f"search must be one of {', '.join(SEARCHES)} or None (got {self.search!r}); the task "
+                           "variant needs s2d.eval's zero-shot tasks")
+        if self.ranks is None and self.keep is None and self.search is None:
+            raise S2DError("give a keep fraction, explicit ranks by role, or a search")
+        if self.keep is not None and (isinstance(self.keep, bool) or not 0 < self.keep <= 1):
+            raise S2DError(f"keep must be a fraction in (0, 1] of the model's parameters (got {self.keep!r})")
+        if self.ranks is not None and (not isinstance(self.ranks, dict) or not self.ranks):
+            raise S2DError(f"ranks must map roles to ranks, e.g. {{'q': 64}} (got {self.ranks!r})")
+        if self.n_samples < 1 or self.seq_len < 1 or self.chunk_size < 1 or self.search_samples < 1:
+            raise S2DError("n_samples, seq_len, chunk_size and search_samples must be ≥ 1")
+        if self.tolerance < 1:
+            raise S2DError(f"tolerance must be ≥ 1 (got {self.tolerance})")
+        if self.damp < 0:
+            raise S2DError(f"damp must be ≥ 0 (got {self.damp})")
+        return self

@@ -1,0 +1,115 @@
+"""`s2d compress`: compress a model, save it, evaluate it, and write the run folder."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from s2d.lowrank.api import CompressionReport, compress, compress_folder, peak_rss_mb
+from s2d.lowrank.config import LowRankConfig
+
+
+def ranks_figure(report: CompressionReport, path: Path) -> Path:
+    """Rank kept per Linear as a fraction of min(d_in, d_out), in model order, coloured by role."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(report.shapes)
+    roles = [n.rsplit(".", 1)[-1] for n in names]
+    fig, ax = plt.subplots(figsize=(max(6, len(names) / 20), 3.2))
+    for role in dict.fromkeys(roles):
+        xs = [i for i, r in enumerate(roles) if r == role]
+        ys = [report.ranks.get(names[i], min(report.shapes[names[i]][:2])) / min(report.shapes[names[i]][:2])
+              for i in xs]
+        ax.scatter(xs, ys, s=8, label=role)
+    ax.set_xlabel("Linear (model order, block by block)")
+    ax.set_ylabel("rank / min(d_in, d_out)  (1 = dense)")
+    ax.set_title(f"{report.method}: {report.summary['fraction_kept']:.1%} of parameters kept")
+    ax.set_ylim(0, 1.05)
+    ax.legend(fontsize=7, ncol=min(7, len(set(roles))), loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _is_folder(spec: str) -> bool:
+    p = Path(spec).expanduser()
+    return p.is_dir() and ((p / "model.safetensors").is_file() or (p / "model.safetensors.index.json").is_file())
+
+
+def run_compress(model_spec: str, config: LowRankConfig, out: str | Path, eval_tasks: tuple[str, ...] = (),
+                 merge: bool = False, save_model: bool = True, eval_limit: int | None = None) -> dict:
+    """Compress `model_spec` and write config.yaml, metrics.json, report.md, figures/ranks.png and model/.
+
+    A safetensors folder is compressed block by block from disk (bounded memory) unless a search needs the
+    whole model; named models are compressed in memory.
+    """
+    from s2d.assets import load_model
+    from s2d.lowrank.io import save
+    from s2d.runs import RunFolder
+
+    config.validate()
+    run = RunFolder(out, "compress", {"model": str(model_spec), "lowrank": config.to_dict(),
+                                      "eval": list(eval_tasks), "merge": merge}, seed=config.seed)
+    model_dir = run.path / "model"
+    model = tokenizer = None
+    if _is_folder(model_spec) and not config.search and not merge:
+        report = compress_folder(model_spec, config, model_dir)
+        if eval_tasks:
+            model, tokenizer = load_model(model_dir)
+    else:
+        model, tokenizer = load_model(model_spec)
+        report = compress(model, config, tokenizer=tokenizer)
+        if save_model:
+            save(model, model_dir, tokenizer, method=config.method, merge=merge)
+    results = {}
+    if eval_tasks:
+        from s2d.eval.suite import EvalConfig, evaluate
+
+        results = evaluate(model, tokenizer, EvalConfig(tasks=tuple(eval_tasks), limit=eval_limit, seed=config.seed))
+    compression = report.to_dict()
+    trials = (compression.get("search") or {}).pop("trials", None)
+    if trials is not None:
+        run.write_bytes("search_trials.json", _json(trials))
+    metrics = {"model": str(model_spec), "compression": compression, "eval": results,
+               "peak_rss_mb_process": peak_rss_mb(),
+               "units": {"seconds": "wall-clock seconds of the compression", "peak_rss_mb": "MiB (ru_maxrss)",
+                         "macs": "multiply-accumulates per token in the block Linears"}}
+    run.write_metrics(metrics)
+    ranks_figure(report, run.figure_path("ranks.png"))
+    run.write_text("report.md", report_markdown(model_spec, report, results))
+    return metrics
+
+
+def _json(obj) -> bytes:
+    import json
+
+    return (json.dumps(obj, indent=1) + "\n").encode()
+
+
+def report_markdown(model_spec: str, report: CompressionReport, results: dict) -> str:
+    from s2d.report import md_table
+
+    s = report.summary
+    command = "s2d " + " ".join(sys.argv[1:]) if sys.argv[1:] else f"s2d compress {model_spec}"
+    rows = [("method", report.method), ("parameters", f"{s['params_before']:,} → {s['params_after']:,}"),
+            ("fraction of the model kept", f"{s['fraction_kept']:.4f}"),
+            ("fraction of block-Linear parameters kept", f"{s['block_linear_fraction_kept']:.4f}"),
+            ("block-Linear MACs per token", f"{s['block_linear_macs_per_token_before']:,} → "
+                                            f"{s['block_linear_macs_per_token_after']:,}"),
+            ("Linears decomposed", s["layers_decomposed"]), ("b", s["b"]),
+            ("blocks decomposed", s["blocks_decomposed"]),
+            ("calibration tokens", report.calibration_tokens), ("seconds", round(report.seconds, 1)),
+            ("peak RSS (MiB)", round(report.peak_rss_mb))]
+    if report.search:
+        rows += [("search ppl (ref → final)", f"{report.search['ppl_ref']:.3f} → {report.search['ppl_final']:.3f}"),
+                 ("search layers processed", report.search["layers_processed"])]
+    parts = [f"# Low-rank compression of {model_spec}\n", f"Command: `{command}`\n",
+             md_table(["", "value"], rows), "![ranks](figures/ranks.png)\n"]
+    if results:
+        ev = [(k, v.get("ppl", v.get("acc")), v.get("acc_norm", "")) for k, v in results.items()]
+        parts += ["## Evaluation\n", md_table(["task", "ppl or acc", "acc_norm"], ev)]
+    return "\n".join(parts)
