@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: install
-	$(VENV)/bin/s2d info smollm2-135m
+	$(VENV)/bin/s2d diagnose smollm2-135m --out runs/demo
 
 test: install
 	$(PY) -m pytest -q

@@ -92,6 +92,67 @@ def _compress(args: argparse.Namespace) -> None:
     print(f"run folder: {out}")
 
 
+def _diagnose_config(args: argparse.Namespace):
+    from s2d.diagnose import DiagnoseConfig
+
+    fields = DiagnoseConfig.__dataclass_fields__
+    return DiagnoseConfig(**{k: v for k, v in vars(args).items() if k in fields and v is not None}).validate()
+
+
+def _command_line() -> str:
+    import shlex
+
+    return "s2d " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+def _diagnose(args: argparse.Namespace) -> None:
+    from s2d.assets import load_model
+    from s2d.diagnose import diagnose
+    from s2d.report.diagnose import write_report
+    from s2d.runs import RunFolder, default_run_dir
+
+    config = _diagnose_config(args)
+    run = RunFolder(args.out or default_run_dir("diagnose"), "diagnose", dict(config.to_dict(), model=args.model),
+                    seed=config.seed)
+    model, processor = load_model(args.model, trust_remote_code=args.trust_remote_code)
+    result = diagnose(model, processor, config)
+    run.write_metrics(dict(result, model=args.model))
+    paths = write_report(run, result, args.model, _command_line())
+    print("\n".join(result["reading"]))
+    print(f"report: {paths['html']}\nrun folder: {run.path}")
+
+
+def _compare(args: argparse.Namespace) -> None:
+    import dataclasses
+
+    from s2d.arch import describe
+    from s2d.assets import load_model
+    from s2d.diagnose import diagnose
+    from s2d.report.compare import rank, write_compare_report
+    from s2d.runs import RunFolder, default_run_dir
+
+    config = _diagnose_config(args)
+    run = RunFolder(args.out or default_run_dir("compare"), "compare", dict(config.to_dict(), models=args.models),
+                    seed=config.seed)
+    severities, details = {}, {}
+    for name in args.models:
+        model, processor = load_model(name, trust_remote_code=args.trust_remote_code)
+        own = config
+        if describe(model).kind == "vision" and config.data == "wiki":
+            own = dataclasses.replace(config, data="fashion-mnist")  # a ViT is calibrated on images
+        result = diagnose(model, processor, own)
+        severities[name] = result["severity"]
+        details[name] = {"family": result["family"], "data": f"{own.data}: {result['samples']} × {result['seq_len']}",
+                         "reading": result["reading"]}
+        del model
+    run.write_metrics({"severity": severities, "details": details, "ranking": [n for n, _ in rank(severities)]})
+    paths = write_compare_report(run, severities, details, _command_line())
+    for i, (name, sev) in enumerate(rank(severities)):
+        print(f"{i + 1}. {name:<28} max|x| {sev['max_abs']:>10.4g}  mean kurtosis {sev['mean_kurtosis']:>9.4g}  "
+              f"massive {sev['massive_count']:>5}  σ₁ p99 {sev['sigma1_p99']:.4g}")
+    print(f"report: {paths['html']}\nrun folder: {run.path}")
+
+
 def _parse_options(pairs: list[str]) -> dict:
     """KEY=VALUE pairs, values read as YAML scalars (numbers, booleans, strings)."""
     import yaml
@@ -172,7 +233,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-model", dest="no_model", action="store_true", help="do not save the compressed model")
     p.add_argument("--out", help="run folder (default runs/compress-<time>)")
     p.set_defaults(func=_compress)
+
+    p = sub.add_parser("diagnose", help="activation outliers and their link to the weights' singular values")
+    p.add_argument("model", nargs="?", default="smollm2-135m",
+                   help="smollm2-135m (default), minilm-l6, tiny:<family>, or a local HF model folder")
+    _diagnose_arguments(p)
+    p.set_defaults(func=_diagnose)
+
+    p = sub.add_parser("compare", help="rank models by outlier severity (max|x|, kurtosis, massive count, σ₁)")
+    p.add_argument("models", nargs="+", help="two or more model specs or folders")
+    _diagnose_arguments(p)
+    p.set_defaults(func=_compare)
     return parser
+
+
+def _diagnose_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", choices=["wiki", "fashion-mnist", "digits"],
+                   help="calibration data (default wiki validation text; fashion-mnist for ViTs)")
+    p.add_argument("--image-folder", dest="image_folder", help="a Fashion-MNIST folder instead of the Debian path")
+    p.add_argument("--n-samples", dest="n_samples", type=int, help="calibration sequences (default 16)")
+    p.add_argument("--seq-len", dest="seq_len", type=int, help="tokens per sequence (default 256)")
+    p.add_argument("--batch-size", dest="batch_size", type=int, help="sequences per forward pass (default 4)")
+    p.add_argument("--seed", type=int, help="seed of the calibration windows (default 0)")
+    p.add_argument("--out", help="run folder (default runs/<command>-<time>)")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow a local folder's custom code to run")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,6 +8,7 @@ from s2d.assets.data import (
     load_fashion_mnist,
     load_polarity,
     load_wiki,
+    pixel_values,
     wiki_text,
     wiki_tokens,
 )
@@ -23,6 +24,7 @@ __all__ = [
     "load_model",
     "load_polarity",
     "load_wiki",
+    "pixel_values",
     "wiki_text",
     "wiki_tokens",
 ]

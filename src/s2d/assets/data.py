@@ -180,3 +180,13 @@ def calibration_batch(tokenizer, texts: str | list[str], n_samples: int, seq_len
     gen = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, ids.numel() - seq_len + 1, (n_samples,), generator=gen)
     return torch.stack([ids[s : s + seq_len] for s in starts.tolist()])
+
+
+def pixel_values(images: torch.Tensor, size: int, channels: int = 1) -> torch.Tensor:
+    """Grey images N×H×W in [0, 1] as a ViT's `pixel_values`: resized to `size`, centred to [-1, 1]."""
+    import torch.nn.functional as F
+
+    x = images.float().unsqueeze(1)
+    if x.shape[-1] != size:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    return ((x - 0.5) / 0.5).expand(-1, channels, -1, -1)

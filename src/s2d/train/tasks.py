@@ -4,7 +4,6 @@ resumed or distributed run sees exactly the data an uninterrupted single-process
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from s2d.errors import S2DError
 
@@ -97,10 +96,9 @@ class ImageTask:
         self.seed, self.eval_samples = seed, eval_samples
 
     def _pixels(self, images: torch.Tensor) -> torch.Tensor:
-        x = images.unsqueeze(1)
-        if x.shape[-1] != self.size:
-            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
-        return ((x - 0.5) / 0.5).expand(-1, self.channels, -1, -1)
+        from s2d.assets import pixel_values
+
+        return pixel_values(images, self.size, self.channels)
 
     def batch(self, step: int, micro: int, size: int, rank: int = 0, world: int = 1) -> dict:
         idx = torch.randint(0, len(self.train[1]), (size,), generator=_generator(self.seed, step, micro))

@@ -1,0 +1,121 @@
+"""One calibration pass with forward hooks: statistics for every targeted Linear and every block's output."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+from s2d.arch import describe
+from s2d.diagnose.config import DiagnoseConfig
+from s2d.diagnose.spectra import PCDRAccumulator, weight_spectrum
+from s2d.diagnose.stats import RunningStats, summarize
+from s2d.errors import S2DError
+
+
+def _tensor(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+class _Collector:
+    """Hooks that fold each batch into streaming accumulators; a shared tensor is summarized once per batch."""
+
+    def __init__(self, desc, config: DiagnoseConfig, n_batches: int, progress: bool):
+        self.config = config
+        self.sample0 = 0
+        self.batch_index = 0
+        self._recent: list[tuple[torch.Tensor, object]] = []
+        self.linear_in: dict[str, RunningStats] = {}
+        self.linear_out: dict[str, RunningStats] = {}
+        self.residual: dict[int, RunningStats] = {}
+        self.spectra: dict[str, dict] = {}
+        self.pcdr: dict[str, PCDRAccumulator] = {}
+        rows_per_batch = math.ceil(config.pcdr_rows / n_batches)
+        keep = dict(keep=config.keep_massive, massive_abs=config.massive_abs)
+        for lin in tqdm(desc.linears(), desc="spectra", disable=not progress, leave=False):
+            self.spectra[lin.name], factors = weight_spectrum(lin.weight, config.top_k, config.spectrum_keep,
+                                                                     lin.name)
+            self.pcdr[lin.name] = PCDRAccumulator(lin.weight, factors, config.pcdr_rows, rows_per_batch)
+            self.linear_in[lin.name], self.linear_out[lin.name] = RunningStats(**keep), RunningStats(**keep)
+        self.hooks = [lin.module.register_forward_hook(self._linear_hook(lin.name)) for lin in desc.linears()]
+        for block in desc.blocks:
+            self.residual[block.index] = RunningStats(**keep)
+            self.hooks.append(block.module.register_forward_hook(self._block_hook(block.index, block.name)))
+
+    def _summary(self, x: torch.Tensor, where: str):
+        # q, k and v (and gate and up) receive the same tensor object in turn; recognise it by identity among
+        # the last few seen (a data_ptr could be reused by a later tensor once the first is freed).
+        for seen, summary in self._recent:
+            if seen is x:
+                return summary
+        if not torch.isfinite(x).all():
+            raise S2DError(f"non-finite activations (NaN or Inf) first appear at {where}, on calibration batch "
+                           f"{self.batch_index}; the weights may be corrupt or the model overflows in this dtype "
+                           "(try float32)")
+        c = self.config
+        summary = summarize(x, c.threshold, c.massive_abs, c.keep_massive, self.sample0)
+        self._recent = [(x, summary)] + self._recent[:3]
+        return summary
+
+    def _linear_hook(self, name: str):
+        def hook(module, args, output):
+            x, y = args[0], _tensor(output)
+            self.linear_in[name].update(self._summary(x, f"the input of {name}"))
+            self.linear_out[name].update(self._summary(y, f"the output of {name}"))
+            self.pcdr[name].update(x, y)
+        return hook
+
+    def _block_hook(self, index: int, name: str):
+        def hook(module, args, output):
+            self.residual[index].update(self._summary(_tensor(output), f"the output of block {index} ({name})"))
+        return hook
+
+    def next_batch(self, size: int) -> None:
+        self._recent = []
+        self.sample0 += size
+        self.batch_index += 1
+
+    def remove(self) -> None:
+        for h in self.hooks:
+            h.remove()
+
+
+@torch.no_grad()
+def collect(model, batches: list[dict], config: DiagnoseConfig, progress: bool = True) -> dict:
+    """Spectra, PCDR and streaming statistics of `model` over `batches` (dicts of model inputs)."""
+    desc = describe(model)
+    if not desc.linears():
+        raise S2DError(f"this {desc.family.name} model has no targeted Linears to diagnose")
+    if not batches:
+        raise S2DError("no calibration batches: give at least one sample (--n-samples 1 or more)")
+    model.eval()
+    start = time.perf_counter()
+    collector = _Collector(desc, config, len(batches), progress)
+    spectra_seconds = time.perf_counter() - start
+    try:
+        for batch in tqdm(batches, desc="calibration", disable=not progress, leave=False):
+            model(**batch)
+            collector.next_batch(len(next(iter(batch.values()))))
+    finally:
+        collector.remove()
+    c = config
+    linears = []
+    for lin in desc.linears():
+        linears.append({
+            "name": lin.name, "role": lin.role, "block": lin.block, "shape": list(lin.shape),
+            "input": collector.linear_in[lin.name].finish(c.top_channels, c.massive_ratio),
+            "output": collector.linear_out[lin.name].finish(c.top_channels, c.massive_ratio),
+            **collector.spectra[lin.name], **collector.pcdr[lin.name].finish(),
+        })
+    residual = []
+    for block in desc.blocks:
+        stats = collector.residual[block.index]
+        residual.append({"block": block.index, "name": block.name, **stats.finish(c.top_channels, c.massive_ratio),
+                         "channel_absmax": stats.channel_absmax.tolist()})
+    first = collector.residual[0]
+    tokens = first.n // (collector.sample0 * len(first.channel_absmax))
+    return {"family": desc.family.name, "kind": desc.kind, "n_blocks": len(desc.blocks),
+            "samples": collector.sample0, "seq_len": tokens, "linears": linears, "residual": residual,
+            "seconds": {"spectra": spectra_seconds, "total": time.perf_counter() - start}}
