@@ -153,6 +153,35 @@ def _compare(args: argparse.Namespace) -> None:
     print(f"report: {paths['html']}\nrun folder: {run.path}")
 
 
+def _quantize(args: argparse.Namespace) -> None:
+    from s2d.eval.suite import parse_list
+    from s2d.quant.run import QuantRunConfig, run_quantize
+    from s2d.runs import default_run_dir
+
+    if args.sweep:
+        schemes, methods = parse_list(args.schemes), parse_list(args.methods)
+    else:
+        schemes = (args.scheme,)
+        method = args.method
+        if args.rotate:
+            method = f"rotate+{method}"
+        if args.smooth is not None:
+            method = f"smooth+{method}"
+        methods = (method,)
+    config = QuantRunConfig(schemes=schemes, methods=methods, tasks=parse_list(args.eval), n_samples=args.n_samples,
+                            seq_len=args.seq_len, eval_seq_len=args.eval_seq_len, ppl_tokens=args.ppl_tokens,
+                            limit=args.limit, seed=args.seed,
+                            overrides=_parse_options(args.option) if args.option else {})
+    if args.smooth is not None:
+        config.smooth_alpha = args.smooth
+    out = args.out or default_run_dir("quantize")
+    metrics = run_quantize(args.model, config, out, save_model=not args.no_model)
+    for key, entry in metrics["results"].items():
+        values = "  ".join(f"{task} {r.get('ppl', r.get('acc')):.4g}" for task, r in entry["eval"].items())
+        print(f"{key:<24} {values}")
+    print(f"run folder: {out}")
+
+
 def _parse_options(pairs: list[str]) -> dict:
     """KEY=VALUE pairs, values read as YAML scalars (numbers, booleans, strings)."""
     import yaml
@@ -233,6 +262,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-model", dest="no_model", action="store_true", help="do not save the compressed model")
     p.add_argument("--out", help="run folder (default runs/compress-<time>)")
     p.set_defaults(func=_compress)
+
+    p = sub.add_parser("quantize", help="fake-quantize (RTN, GPTQ, SmoothQuant, rotation), evaluate, save")
+    p.add_argument("model", help="smollm2-135m, tiny:<family>, or a local HF causal-LM folder")
+    p.add_argument("--scheme", default="W4A4", help="W8A8, W6A6, W4A8, W4A4, W4A16, W3A4, or any WnAm")
+    p.add_argument("--method", choices=["rtn", "gptq"], default="rtn", help="how weights are rounded")
+    p.add_argument("--smooth", type=float, metavar="ALPHA", help="SmoothQuant first, with migration strength ALPHA")
+    p.add_argument("--rotate", action="store_true", help="QuaRot-style Hadamard rotation first")
+    p.add_argument("--sweep", action="store_true", help="every --schemes × --methods cell; one table and figure")
+    p.add_argument("--schemes", default="W8A8,W6A6,W4A8,W4A4", help="schemes for --sweep")
+    p.add_argument("--methods", default="rtn,gptq,smooth+gptq,rotate+gptq", help="methods for --sweep")
+    p.add_argument("--option", action="append", metavar="KEY=VALUE",
+                   help="any QuantConfig field, e.g. a_granularity=per_tensor, w_group_size=128")
+    p.add_argument("--eval", default="ppl:wiki", help="tasks after quantizing: ppl:wiki,analogy-mc,polarity,...")
+    p.add_argument("--eval-seq-len", dest="eval_seq_len", type=int, default=128)
+    p.add_argument("--ppl-tokens", dest="ppl_tokens", type=int, default=16384,
+                   help="perplexity on the first N tokens of the wiki test split")
+    p.add_argument("--limit", type=int, help="at most N examples per task")
+    p.add_argument("--n-samples", dest="n_samples", type=int, default=32, help="calibration sequences (wiki train)")
+    p.add_argument("--seq-len", dest="seq_len", type=int, default=512, help="calibration sequence length")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-model", dest="no_model", action="store_true", help="do not save the quantized model")
+    p.add_argument("--out", help="run folder (default runs/quantize-<time>)")
+    p.set_defaults(func=_quantize)
 
     p = sub.add_parser("diagnose", help="activation outliers and their link to the weights' singular values")
     p.add_argument("model", nargs="?", default="smollm2-135m",

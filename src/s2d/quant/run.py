@@ -1,0 +1,113 @@
+"""`s2d quantize`: one scheme (saved, with per-Linear SQNR) or a sweep of schemes × methods, each evaluated."""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from s2d.config import Config
+from s2d.errors import S2DError
+from s2d.quant.api import convert, prepare
+from s2d.quant.config import QuantConfig
+from s2d.quant.rotate import check_rotatable
+from s2d.quant.sqnr import layer_sqnr, plot_sqnr
+
+# A method is an optional outlier baseline followed by a weight method.
+METHODS = ("rtn", "gptq", "smooth+rtn", "smooth+gptq", "rotate+rtn", "rotate+gptq")
+
+
+@dataclass
+class QuantRunConfig(Config):
+    """Everything `s2d quantize` needs besides the model; saved in config.yaml."""
+
+    VERSION = 1
+    schemes: tuple[str, ...] = ("W4A4",)
+    methods: tuple[str, ...] = ("rtn",)
+    smooth_alpha: float = 0.5
+    n_samples: int = 32  # calibration sequences from the wiki *train* split (evaluation uses the test split)
+    seq_len: int = 512
+    sqnr_samples: int = 4
+    tasks: tuple[str, ...] = ("ppl:wiki",)
+    eval_seq_len: int = 128
+    ppl_tokens: int = 16384
+    limit: int | None = None
+    seed: int = 0
+    overrides: dict = field(default_factory=dict)  # extra QuantConfig fields, e.g. {"a_granularity": "per_tensor"}
+
+    def validate(self) -> QuantRunConfig:
+        for m in self.methods:
+            if m not in METHODS:
+                raise S2DError(f"unknown method {m!r}; use one of {', '.join(METHODS)}")
+        for s in self.schemes:
+            self.quant_config(s, "rtn")  # raises S2DError for bad bits
+        if self.n_samples < 1 or self.seq_len < 2:
+            raise S2DError("--n-samples must be ≥ 1 and --seq-len ≥ 2")
+        return self
+
+    def quant_config(self, scheme: str, method: str) -> QuantConfig:
+        *baseline, weights = method.split("+")
+        extra = dict(self.overrides)
+        if "smooth" in baseline:
+            extra["smooth_alpha"] = self.smooth_alpha
+        if "rotate" in baseline:
+            extra["rotate"] = True
+        return QuantConfig.from_scheme(scheme, method=weights, seed=self.seed, **extra)
+
+
+def quantize_one(model, tokenizer, qconfig: QuantConfig, calib, sqnr_batch=None, progress: bool = True):
+    """Quantize `model` in place; returns (model, per-Linear SQNR or None, seconds)."""
+    t0 = time.perf_counter()
+    prepare(model, qconfig, calib=calib)
+    reference = copy.deepcopy(model) if sqnr_batch is not None else None  # the prepared FP model
+    convert(model, qconfig, calib=calib, progress=progress)
+    seconds = time.perf_counter() - t0
+    sqnr = layer_sqnr(reference, model, sqnr_batch) if reference is not None else None
+    return model, sqnr, seconds
+
+
+def run_quantize(model_spec: str, config: QuantRunConfig, out: str | Path, save_model: bool = True,
+                 progress: bool = True) -> dict:
+    """One scheme and method: quantize, measure SQNR, evaluate, save. Several: the sweep table and figure."""
+    from s2d.assets import calibration_batch, load_model, wiki_text
+    from s2d.eval.suite import EvalConfig, evaluate
+    from s2d.runs import RunFolder
+
+    config.validate()
+    sweep = len(config.schemes) * len(config.methods) > 1
+    run = RunFolder(out, "quantize", {"model": str(model_spec), **config.to_dict()}, seed=config.seed)
+    eval_config = EvalConfig(tasks=config.tasks, seq_lens=(config.eval_seq_len,), ppl_tokens=config.ppl_tokens,
+                             limit=config.limit, seed=config.seed)
+    eval_config.validate()
+    model, tokenizer = load_model(model_spec)
+    if any("rotate" in m for m in config.methods):
+        check_rotatable(model)  # before any evaluation: say why the family cannot be rotated
+    calib = calibration_batch(tokenizer, wiki_text("train"), config.n_samples, config.seq_len, config.seed)
+    sqnr_batch = calib[: config.sqnr_samples]
+    rows = {"FP": {"eval": evaluate(model, tokenizer, eval_config, progress=progress)}}
+    for scheme in config.schemes:
+        for method in config.methods:
+            if model is None:
+                model, tokenizer = load_model(model_spec)
+            qconfig = config.quant_config(scheme, method)
+            model, sqnr, seconds = quantize_one(model, tokenizer, qconfig, calib, sqnr_batch, progress)
+            entry = {"scheme": scheme, "method": method, "config": qconfig.to_dict(), "seconds": seconds,
+                     "eval": evaluate(model, tokenizer, eval_config, progress=progress)}
+            if sqnr is not None:
+                entry["sqnr"] = sqnr
+                entry["sqnr_worst"] = sorted(sqnr.items(), key=lambda kv: kv[1]["accumulated_db"])[:5]
+                plot_sqnr(sqnr, run.figure_path(f"sqnr_{scheme}_{method.replace('+', '-')}.png"),
+                          f"{qconfig.label}: per-Linear SQNR")
+            rows[f"{scheme} {method}"] = entry
+            if not sweep and save_model:
+                from s2d.quant.io import save_quantized
+
+                save_quantized(model, run.path / "model", tokenizer, qconfig)
+            model = None  # quantization is in place: the next cell starts from a fresh copy
+    metrics = {"model": str(model_spec), "results": rows, "eval_config": eval_config.to_dict()}
+    run.write_metrics(metrics)
+    from s2d.report.quant import write_quant_report
+
+    write_quant_report(run, model_spec, config, rows)
+    return metrics

@@ -1,0 +1,85 @@
+"""The quantize report: the scheme × method table per metric, a perplexity figure, and per-Linear SQNR."""
+
+from __future__ import annotations
+
+import math
+import sys
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from s2d.report.diagnose import _save  # noqa: E402
+from s2d.report.document import Document  # noqa: E402
+
+FLATTERS = ("SmolLM2's packaged weights were already 4-bit (Q4_1, group 32) before dequantization, so weight-only "
+            "4-bit numbers on it are flattering: the grid is partly the one the weights came from.")
+
+
+def metric_of(entry: dict, task: str) -> float | None:
+    r = entry["eval"].get(task)
+    if r is None:
+        return None
+    return r.get("ppl", r.get("acc"))
+
+
+def grid(rows: dict, schemes, methods, task: str) -> list[list]:
+    """Rows FP + schemes, columns methods: the task's ppl (or accuracy) per cell."""
+    fp = metric_of(rows["FP"], task)
+    table = [["FP", *([fp] * len(methods))]]
+    for scheme in schemes:
+        table.append([scheme, *[metric_of(rows[f"{scheme} {m}"], task) if f"{scheme} {m}" in rows else None
+                                for m in methods]])
+    return table
+
+
+def plot_grid(rows: dict, schemes, methods, task: str, path):
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(schemes) + 2), 3.8), dpi=110)
+    width = 0.8 / len(methods)
+    for j, method in enumerate(methods):
+        values = [metric_of(rows[f"{s} {method}"], task) for s in schemes]
+        ax.bar([i + j * width for i in range(len(schemes))], [v if v and math.isfinite(v) else 0 for v in values],
+               width=width, label=method)
+    fp = metric_of(rows["FP"], task)
+    if fp:
+        ax.axhline(fp, color="k", linestyle="--", linewidth=1, label=f"FP {fp:.3g}")
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(schemes))], schemes)
+    if task.startswith("ppl"):
+        ax.set_yscale("log")
+    ax.set_ylabel(task)
+    ax.set_title(f"{task} by scheme and method")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, axis="y")
+    return _save(fig, path)
+
+
+def write_quant_report(run, model_spec: str, config, rows: dict) -> dict:
+    doc = Document(f"s2d quantize: {model_spec}")
+    schemes, methods = list(config.schemes), list(config.methods)
+    tasks = list(rows["FP"]["eval"])
+    if "smollm2" in str(model_spec).lower() and any(s.startswith("W4") or s.startswith("W3") for s in schemes):
+        doc.paragraph(FLATTERS)
+    for task in tasks:
+        n = rows["FP"]["eval"][task].get("n_tokens", rows["FP"]["eval"][task].get("n"))
+        doc.heading(f"{task} ({'tokens' if task.startswith('ppl') else 'examples'}: {n:,})")
+        doc.table(["scheme", *methods], grid(rows, schemes, methods, task), f"grid-{task}")
+    figures = {}
+    if len(schemes) * len(methods) > 1:
+        first = tasks[0]
+        figures["grid"] = plot_grid(rows, schemes, methods, first, run.figure_path("grid.png"))
+        doc.figure(figures["grid"], f"{first} for every scheme and method; dashed: full precision.")
+    for key, entry in rows.items():
+        if key == "FP" or "sqnr" not in entry:
+            continue
+        doc.heading(f"{key}: per-Linear SQNR")
+        doc.table(["Linear", "role", "local dB", "accumulated dB"],
+                  [[name, v["role"], v["local_db"], v["accumulated_db"]] for name, v in entry["sqnr_worst"]],
+                  f"sqnr-{key}")
+        path = run.figure_path(f"sqnr_{entry['scheme']}_{entry['method'].replace('+', '-')}.png")
+        doc.figure(path, f"{key}: SQNR of each quantized Linear's output against full precision (local: same input; "
+                         "accumulated: the full-precision model's output at that Linear).")
+    doc.heading("How this was made")
+    doc.code("s2d " + " ".join(sys.argv[1:]))
+    return {"markdown": run.write_text("report.md", doc.markdown(run.path)),
+            "html": run.write_text("report.html", doc.html()), **figures}
