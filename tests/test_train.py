@@ -140,3 +140,29 @@ def test_ddp_two_processes_equal_one(tmp_path):
         torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6, msg=name)
     reloaded, _ = load_model(tmp_path / "two" / "model")
     assert sum(p.numel() for p in reloaded.parameters()) == sum(t.numel() for t in a.values())
+
+
+def test_qat_trains_through_fake_quant_and_matches_rtn_after_saving(tmp_path):
+    import copy
+
+    from s2d.quant import FakeQuantLinear, QuantConfig, prepare_qat, quantize
+    from s2d.train.run import finetune
+
+    base = dict(task="lm", steps=3, batch_size=2, seq_len=32, lr=1e-3, warmup=0, eval_every=0, log_every=1)
+    plain = finetune("tiny:llama", TrainConfig(**base), tmp_path / "plain", progress=False)
+    qat = finetune("tiny:llama", TrainConfig(**base, qat="W4A4", reg="s2d"), tmp_path / "qat", progress=False)
+    assert qat.history[0]["loss"] != plain.history[0]["loss"]  # the first forward already rounds at 4 bits
+    model, _ = load_model(tmp_path / "qat" / "model")
+    assert not any(isinstance(m, FakeQuantLinear) for m in model.modules())  # saved as an ordinary model
+    ids = torch.randint(3, 250, (2, 16), generator=torch.Generator().manual_seed(0))
+    simulated = prepare_qat(copy.deepcopy(model), QuantConfig.from_scheme("W4A4"))
+    integer = quantize(copy.deepcopy(model), QuantConfig.from_scheme("W4A4"), progress=False)
+    with torch.no_grad():
+        a, b = simulated(input_ids=ids).logits, integer(input_ids=ids).logits
+    assert torch.allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_bad_qat_scheme_is_a_clear_error():
+
+    with pytest.raises(S2DError, match="bits"):
+        TrainConfig(qat="W1A4").validate()

@@ -41,7 +41,15 @@ class TrainConfig(Config):
         if self.batch_size % (self.grad_accum * world_size):
             raise S2DError(f"batch_size {self.batch_size} must be divisible by grad_accum × world size "
                            f"({self.grad_accum} × {world_size})")
+        if self.qat:
+            self.qat_config()
         return self
+
+    def qat_config(self):
+        """The QuantConfig QAT simulates: the scheme's defaults, which `s2d quantize --method rtn` reproduces."""
+        from s2d.quant.config import QuantConfig
+
+        return QuantConfig.from_scheme(self.qat)
 
     @property
     def micro_batch(self) -> int:

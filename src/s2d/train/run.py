@@ -28,6 +28,12 @@ def finetune(model_spec: str, config: TrainConfig, out: str | Path, progress: bo
     head, labels = HEADS.get(config.task, (None, None))
     torch.manual_seed(config.seed)  # a fresh classifier head is initialized from the seed
     model, tokenizer = load_model(model_spec, head=head, num_labels=labels)
+    if config.qat:
+        from s2d.quant import prepare_qat
+
+        # FakeQuantLinear keeps nn.Linear's parameters and state-dict keys, so S2D, checkpoints and
+        # save_pretrained see an ordinary model; only the forward rounds weights and inputs.
+        prepare_qat(model, config.qat_config())
     task = make_task(config, model, tokenizer)
     result = train(model, task, config, Path(out) / "checkpoints", model_name=model_spec, progress=progress)
     if run is not None:
@@ -44,6 +50,7 @@ def _write(run: RunFolder, model, tokenizer, config: TrainConfig, result: TrainR
                                   "max |x| in the residual stream (training batch)", log=True),
     }
     metrics = {"model": model_spec, "task": config.task, "reg": config.reg, "reg_config": config.reg_config,
+               "qat": config.qat,
                "steps": result.steps, "seconds": result.seconds, "resumed_from": result.resumed_from,
                "history": result.history, "evals": result.evals,
                "refreshes": [{"step": r["step"], "penalty_value": r.get("penalty_value"),
@@ -59,5 +66,8 @@ def _write(run: RunFolder, model, tokenizer, config: TrainConfig, result: TrainR
     rows += [[k, v] for k, v in (result.evals[-1].items() if result.evals else []) if k != "step"]
     text = [f"# finetune {model_spec} on {config.task} with reg={config.reg}\n",
             f"{result.steps} steps in {result.seconds:.1f} s.\n", md_table(["final", "value"], rows)]
+    if config.qat:
+        text.append(f"\nTrained with {config.qat} quantization-aware training; `s2d quantize {run.path / 'model'} "
+                    f"--scheme {config.qat} --method rtn` gives the integer model whose forward QAT simulated.\n")
     text += [f"\n![{name}](figures/{path.name})\n" for name, path in figures.items()]
     run.write_text("report.md", "\n".join(text))
