@@ -22,6 +22,9 @@ def fmt(value, digits: int = 4) -> str:
 
 def md_table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
     """A GitHub-flavoured Markdown table."""
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    lines += ["| " + " | ".join(fmt(c) for c in row) + " |" for row in rows]
+    def cell(value) -> str:
+        return fmt(value).replace("|", "\\|")  # "max |x|" must not end the cell
+
+    lines = ["| " + " | ".join(cell(h) for h in headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in rows]
     return "\n".join(lines) + "\n"

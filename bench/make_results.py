@@ -1,0 +1,208 @@
+"""Regenerate docs/results.md from finished run folders and bench/out JSON; nothing in it is typed by hand.
+
+Each section quotes the command that produced its numbers (read back from the run's config.yaml) and copies
+its figures into docs/figures/. A run that has not finished yet is listed as missing, never filled in.
+
+Usage: python bench/make_results.py [--runs runs] [--out docs/results.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from s2d.report.markdown import md_table  # noqa: E402
+
+DOCS = Path("docs")
+
+
+class Results:
+    def __init__(self, runs: Path):
+        self.runs = runs
+        self.parts: list[str] = []
+        self.headline: list[str] = []  # the subset copied into the README between its results markers
+        self.missing: list[str] = []
+
+    def text(self, s: str, headline: bool = False) -> None:
+        self.parts.append(s.rstrip() + "\n")
+        if headline:
+            self.headline.append(s.rstrip() + "\n")
+
+    def command(self, folder: Path) -> str:
+        cfg = yaml.safe_load((folder / "config.yaml").read_text())
+        return "s2d " + " ".join(cfg["argv"])
+
+    def quote(self, cmd: str, headline: bool = False) -> None:
+        self.text(f"```bash\n{cmd}\n```", headline)
+
+    def figure(self, src: Path, name: str, caption: str) -> None:
+        (DOCS / "figures").mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, DOCS / "figures" / name)
+        self.text(f"![{caption}](figures/{name})\n\n*{caption}*")
+
+    def load(self, path: Path) -> dict | None:
+        if not path.is_file():
+            self.missing.append(str(path))
+            return None
+        return json.loads(path.read_text())
+
+
+def evaluation(r: Results) -> None:
+    r.text("## Evaluation baselines (SmolLM2, fp32)", True)
+    m = r.load(r.runs / "eval-smollm2" / "metrics.json")
+    if m:
+        r.quote(r.command(r.runs / "eval-smollm2"), True)
+        rows = []
+        for name, v in m["tasks"].items():
+            if "ppl" in v:
+                rows.append([name, "perplexity", v["ppl"], f"{v['n_tokens']:,} tokens in {v['n_windows']} windows"])
+            else:
+                rows.append([name, "acc / acc_norm", f"{v['acc']:.4f} / {v['acc_norm']:.4f}",
+                             f"{v['n']} examples (chance {v.get('chance', 0):.2f})"])
+        r.text(md_table(["task", "metric", "value", "scored on"], rows), True)
+    t = r.load(Path("bench/out/eval_throughput.json"))
+    if t:
+        r.text("**Throughput, s2d against lm-eval-harness** (`python bench/eval_throughput.py`, same model, tokens "
+               "and windows, arms alternating):")
+        r.text("```json\n" + json.dumps(t.get("summary", t), indent=1)[:3000] + "\n```")
+
+
+def diagnose(r: Results) -> None:
+    r.text("## Diagnose: outliers and the spectrum link")
+    for key, label in (("diag-smollm2", "SmolLM2-135M"), ("diag-minilm", "MiniLM-L6")):
+        m = r.load(r.runs / key / "metrics.json")
+        if not m:
+            continue
+        r.text(f"### {label}")
+        r.quote(r.command(r.runs / key))
+        r.text("\n".join(f"> {line}" for line in m["reading"]))
+        rows = []
+        for scope, preds in m["link"].items():
+            for p, name in (("sigma1", "σ₁"), ("pcdr1", "PCDR₁"), ("pcdr3", "PCDR₃")):
+                c = preds[p]
+                rows.append([scope, name, c["spearman"], c["spearman_p"], c["pearson"], c["pearson_p"], c["n"]])
+        r.text(md_table(["Linears", "predictor vs output max|x|", "Spearman ρ", "p", "Pearson r", "p", "n"], rows))
+        r.figure(r.runs / key / "figures" / "max_per_block.png", f"{key}-max.png", f"{label}: max|x| per block")
+        r.figure(r.runs / key / "figures" / "link_scatter.png", f"{key}-link.png",
+                 f"{label}: σ₁ and PCDR₁ vs output max|x|")
+    m = r.load(r.runs / "compare-lm" / "metrics.json")
+    if m:
+        r.text("### Outlier severity across models", True)
+        r.quote(r.command(r.runs / "compare-lm"), True)
+        rows = [[i + 1, name, *[m["severity"][name][k] for k in ("max_abs", "mean_kurtosis", "massive_count",
+                                                                  "sigma1_p50", "sigma1_p99", "sigma1_max")]]
+                for i, name in enumerate(m["ranking"])]
+        r.text(md_table(["rank", "model", "max |x|", "mean kurtosis", "massive", "σ₁ p50", "σ₁ p99", "σ₁ max"], rows),
+               True)
+    b = r.load(Path("bench/out/diagnose_memory.json"))
+    if b:
+        r.text("**Memory of diagnose** (`python bench/diagnose_memory.py`, each size in a fresh process):")
+        r.text(md_table(["samples × tokens", "peak RSS MiB", "RSS after load MiB", "wall s", "cpu s"],
+                        [[f"{x['n_samples']} × {x['seq_len']}", x["peak_rss_mib"], x["rss_after_load_mib"],
+                          x["wall_s"], x["cpu_s"]] for x in b["runs"]]))
+        r.text(f"Peak RSS grows by {b['peak_growth']:+.1%} from the small to the large run (target < +10%).")
+
+
+def quantization(r: Results) -> None:
+    r.text("## Quantization (SmolLM2)", True)
+    folder = r.runs / "quant-sweep-smollm2"
+    m = r.load(folder / "metrics.json")
+    if m:
+        r.quote(r.command(folder), True)
+        r.text("SmolLM2's packaged weights were already 4-bit (Q4_1, group 32): W4 numbers on it are flattering.",
+               True)
+        results = m["results"]
+        methods = list(dict.fromkeys(k.split(" ", 1)[1] for k in results if k != "FP"))
+        schemes = list(dict.fromkeys(k.split(" ", 1)[0] for k in results if k != "FP"))
+        for task in results["FP"]["eval"]:
+            key = "ppl" if task.startswith("ppl") else "acc"
+            fp = results["FP"]["eval"][task]
+            size = f"{fp['n_tokens']:,} tokens" if key == "ppl" else f"{fp['n']} examples"
+            first = task == next(iter(results["FP"]["eval"]))
+            r.text(f"**{task}** ({key}, {size})", first)
+            rows = [["FP", *[fp[key]] * len(methods)]]
+            rows += [[s, *[results[f"{s} {meth}"]["eval"][task][key] if f"{s} {meth}" in results else None
+                           for meth in methods]] for s in schemes]
+            r.text(md_table(["scheme", *methods], rows), first)
+        if (folder / "figures" / "grid.png").is_file():
+            r.figure(folder / "figures" / "grid.png", "quant-grid.png", "SmolLM2 perplexity by scheme and method")
+    b = r.load(Path("bench/out/quant_speed.json"))
+    if b:
+        f = b["forward"]
+        r.text(f"**Speed** (`python bench/quant_speed.py`): W4A4 fake-quant forward / FP forward = "
+               f"{f['ratio']:.2f}× ({f['batch']}×{f['seq_len']} tokens, median of {f['repeats']}; target ≤ 1.5×).")
+        if "gptq" in b:
+            g = b["gptq"]
+            r.text(f"GPTQ W4 over all {g['layers']} Linears ({g['samples']}×{g['seq_len']} calibration tokens): "
+                   f"{g['wall_s']:.0f} s wall, {g['cpu_s']:.0f} s CPU, peak RSS {g['peak_rss_mib']:.0f} MiB "
+                   "(target < 10 min).")
+
+
+def lowrank(r: Results) -> None:
+    r.text("## Low-rank compression (SmolLM2)", True)
+    root = r.runs / "lowrank-grid"
+    if root.is_dir():
+        import lowrank_grid
+
+        r.quote("python bench/lowrank_grid.py   # one `s2d compress` per cell; --table reprints this table", True)
+        r.text(lowrank_grid.table(root), True)
+    s = r.runs / "lowrank-structure"
+    if (s / "metrics.json").is_file():
+        r.text("### Structure study")
+        r.quote("python -m s2d.lowrank.structure smollm2-135m --out runs/lowrank-structure")
+        r.figure(s / "figures" / "structure.png", "lowrank-structure.png",
+                 "Effective rank at 90/95/99% energy, weight space vs feature space, by role and depth")
+    for name, label in (("rom_vs_naive", "python bench/rom_vs_naive.py"),
+                        ("lowrank_memory", "python bench/lowrank_memory.py")):
+        b = r.load(Path(f"bench/out/{name}.json"))
+        if b:
+            r.text(f"**`{label}`**")
+            r.text("```json\n" + json.dumps(b.get("summary", b), indent=1)[:2500] + "\n```")
+
+
+def experiments(r: Results) -> None:
+    root = r.runs / "exp-smollm2"
+    if not root.is_dir():
+        return
+    import exp_smollm2_s2d
+
+    r.text("## Experiment 1 in miniature: S2D on SmolLM2", True)
+    r.quote("python bench/exp_smollm2_s2d.py   # --table reprints this table", True)
+    r.text(exp_smollm2_s2d.table(root), True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", type=Path, default=Path("runs"))
+    ap.add_argument("--out", type=Path, default=DOCS / "results.md")
+    args = ap.parse_args()
+    r = Results(args.runs)
+    r.text("# Results\n\nGenerated by `python bench/make_results.py` from the run folders named below; every "
+           "number comes from the command quoted beside it. Machine: 2 CPU cores, no GPU.")
+    for section in (evaluation, diagnose, quantization, lowrank, experiments):
+        section(r)
+    if r.missing:
+        r.text("## Not yet run\n\n" + "\n".join(f"- `{m}`" for m in r.missing))
+    from s2d.io import atomic_write_text
+
+    atomic_write_text(args.out, "\n".join(r.parts))
+    readme = Path("README.md")
+    start, end = "<!-- results:start -->", "<!-- results:end -->"
+    text = readme.read_text()
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        body = "\n".join(part.replace("## ", "### ", 1) if part.startswith("## ") else part for part in r.headline)
+        atomic_write_text(readme, f"{head}{start}\n{body}\nAll tables, figures and readings: "
+                                  f"[docs/results.md](docs/results.md).\n{end}{rest.split(end, 1)[1]}")
+    print(f"wrote {args.out} ({len(r.missing)} inputs missing)")
+
+
+if __name__ == "__main__":
+    main()
