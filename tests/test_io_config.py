@@ -83,3 +83,16 @@ def test_output_under_a_file_is_unwritable(tmp_path):
     (tmp_path / "afile").write_text("x")
     with pytest.raises(S2DError, match="not writable"):
         ensure_writable_dir(tmp_path / "afile" / "out")
+
+
+def test_atomic_outputs_get_the_usual_permissions(tmp_path):
+    import os
+
+    from s2d.io import atomic_write_text
+
+    mask = os.umask(0o022)
+    try:
+        path = atomic_write_text(tmp_path / "report.md", "x")
+    finally:
+        os.umask(mask)
+    assert path.stat().st_mode & 0o777 == 0o644

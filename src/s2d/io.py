@@ -19,6 +19,12 @@ def _fail(path: Path, err: OSError) -> S2DError:
     )
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     """Write `data` to `path` through a temporary file in the same folder, then rename."""
     path = Path(path)
@@ -28,6 +34,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     except OSError as err:
         raise _fail(path, err) from err
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual permissions
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
@@ -64,6 +71,7 @@ def atomic_dir(path: str | Path):
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+        tmp.chmod(0o777 & ~_umask())
     except OSError as err:
         raise _fail(path, err) from err
     try:
