@@ -9,8 +9,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from s2d.report.diagnose import _save  # noqa: E402
 from s2d.report.document import Document  # noqa: E402
+from s2d.report.figures import save_figure  # noqa: E402
 
 COLUMNS = (("max_abs", "max |x|"), ("mean_kurtosis", "mean kurtosis"), ("massive_count", "massive entries"),
            ("sigma1_p50", "σ₁ p50"), ("sigma1_p90", "σ₁ p90"), ("sigma1_p99", "σ₁ p99"), ("sigma1_max", "σ₁ max"))
@@ -31,7 +31,7 @@ def plot_compare(ranked: list[tuple[str, dict]], path: Path) -> Path:
         ax.set_title(label)
         ax.grid(alpha=0.3, axis="x")
     fig.suptitle("Outlier severity (most severe on top)")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def write_compare_report(run, severities: dict[str, dict], details: dict[str, dict], command: str) -> dict:

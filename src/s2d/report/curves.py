@@ -9,6 +9,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from s2d.report.figures import save_figure  # noqa: E402
+
 
 def plot_curve(history: list[dict], key: str, path: Path, title: str, log: bool = False) -> Path:
     """Plot `key` from a list of per-step records against "step"; writes a PNG."""
@@ -22,9 +24,4 @@ def plot_curve(history: list[dict], key: str, path: Path, title: str, log: bool 
     if log and values and min(values) > 0:
         ax.set_yscale("log")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return save_figure(fig, path)

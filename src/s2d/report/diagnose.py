@@ -12,18 +12,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.colors import LogNorm  # noqa: E402
 
 from s2d.report.document import Document  # noqa: E402
+from s2d.report.figures import save_figure  # noqa: E402
 
 _ROLE_COLORS = {"q": "C0", "k": "C1", "v": "C2", "qkv": "C0", "o": "C3", "gate": "C4", "up": "C5", "down": "C6",
                 "fc1": "C4", "fc2": "C6"}
-
-
-def _save(fig, path: Path) -> Path:
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
 
 
 def _roles(result: dict) -> list[str]:
@@ -45,7 +37,7 @@ def plot_max_per_block(result: dict, path: Path) -> Path:
     ax.set_title("Largest activation per block")
     ax.legend(fontsize=8, ncol=2)
     ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_channel_heatmap(result: dict, path: Path) -> Path:
@@ -59,7 +51,7 @@ def plot_channel_heatmap(result: dict, path: Path) -> Path:
     ax.set_xlabel("block")
     ax.set_ylabel("channel")
     ax.set_title("Residual-stream absmax per channel and block")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_spectra(result: dict, path: Path, n: int = 6) -> Path:
@@ -74,7 +66,7 @@ def plot_spectra(result: dict, path: Path, n: int = 6) -> Path:
     ax.set_title(f"Singular values of the {len(top)} Linears with the largest σ₁")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_scatter(result: dict, path: Path) -> Path:
@@ -97,7 +89,7 @@ def plot_scatter(result: dict, path: Path) -> Path:
             ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_pcdr_bars(result: dict, path: Path) -> Path:
@@ -113,7 +105,7 @@ def plot_pcdr_bars(result: dict, path: Path) -> Path:
     ax.set_ylim(0, max(1.05, max(lin["pcdr"][0] for lin in lins) * 1.05))
     ax.set_title("How much of each token's largest output the top components produce")
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _c(c: dict) -> tuple:

@@ -10,8 +10,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from s2d.report.diagnose import _save  # noqa: E402
 from s2d.report.document import Document  # noqa: E402
+from s2d.report.figures import save_figure  # noqa: E402
 
 FLATTERS = ("SmolLM2's packaged weights were already 4-bit (Q4_1, group 32) before dequantization, so weight-only "
             "4-bit numbers on it are flattering: the grid is partly the one the weights came from.")
@@ -51,7 +51,7 @@ def plot_grid(rows: dict, schemes, methods, task: str, path):
     ax.set_title(f"{task} by scheme and method")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, axis="y")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def write_quant_report(run, model_spec: str, config, rows: dict) -> dict:
