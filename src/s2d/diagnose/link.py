@@ -78,8 +78,14 @@ def reading(result: dict) -> list[str]:
                      f"{pcdr_text}, so {verdict}.")
     else:
         peak = max(residual, key=lambda r: r["max_abs"])
-        lines.append(f"No massive activations: the residual stream peaks at {peak['max_abs']:.3g} after block "
+        lines.append(f"No massive activations in the residual stream: it peaks at {peak['max_abs']:.3g} after block "
                      f"{peak['block']} (max/median {peak['max_median_ratio']:.3g}).")
+        loud = [lin for lin in linears if lin["output"]["massive_count"] > 0]
+        if loud:
+            worst = max(loud, key=lambda lin: lin["output"]["max_abs"])
+            lines.append(f"{len(loud)} Linear output(s) do carry massive values before they reach the stream (a "
+                         f"norm or a nonlinearity tames them); the largest is {worst['name']} at "
+                         f"{worst['output']['max_abs']:.3g}.")
     top = sorted(linears, key=lambda lin: lin["output"]["max_abs"], reverse=True)[:3]
     lines.append("Largest Linear outputs: " + "; ".join(
         f"{lin['name']} {lin['output']['max_abs']:.3g} (σ₁ {lin['sigma1']:.3g}, PCDR₁ "
