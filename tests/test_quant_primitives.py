@@ -189,3 +189,19 @@ def test_schemes_and_config_round_trip():
         QuantConfig.from_scheme("INT4")
     with pytest.raises(S2DError, match="from 2 to 16"):
         QuantConfig.from_scheme("W1A8")
+
+
+def test_lsq_gradients_match_the_paper():
+    from s2d.quant.primitives import lsq_fake_quantize
+
+    spec = QuantSpec(4, True, "per_channel")
+    w = torch.tensor([[0.26, -0.9, 3.0, -5.0]], requires_grad=True)
+    s = torch.tensor([[0.5]], requires_grad=True)
+    out = lsq_fake_quantize(w, s, spec)
+    out.sum().backward()
+    x = w.detach() / 0.5
+    inside = (x >= spec.qmin) & (x <= spec.qmax)
+    assert torch.equal(out.detach(), torch.round(x.clamp(spec.qmin, spec.qmax)) * 0.5)
+    assert torch.equal(w.grad, inside.float())
+    expected = torch.where(inside, torch.round(x) - x, x.clamp(spec.qmin, spec.qmax)).sum()
+    assert torch.allclose(s.grad, expected.reshape(1, 1))

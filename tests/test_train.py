@@ -142,10 +142,10 @@ def test_ddp_two_processes_equal_one(tmp_path):
     assert sum(p.numel() for p in reloaded.parameters()) == sum(t.numel() for t in a.values())
 
 
-def test_qat_trains_through_fake_quant_and_matches_rtn_after_saving(tmp_path):
+def test_qat_trains_through_fake_quant_and_saves_the_integers_it_simulated(tmp_path):
     import copy
 
-    from s2d.quant import FakeQuantLinear, QuantConfig, prepare_qat, quantize
+    from s2d.quant import FakeQuantLinear, QuantConfig, prepare_qat, quantize, quantized_layers
     from s2d.train.run import finetune
 
     base = dict(task="lm", steps=3, batch_size=2, seq_len=32, lr=1e-3, warmup=0, eval_every=0, log_every=1)
@@ -154,12 +154,47 @@ def test_qat_trains_through_fake_quant_and_matches_rtn_after_saving(tmp_path):
     assert qat.history[0]["loss"] != plain.history[0]["loss"]  # the first forward already rounds at 4 bits
     model, _ = load_model(tmp_path / "qat" / "model")
     assert not any(isinstance(m, FakeQuantLinear) for m in model.modules())  # saved as an ordinary model
+    integer, _ = load_model(tmp_path / "qat" / "model-quantized")
+    assert len(quantized_layers(integer)) == 21
     ids = torch.randint(3, 250, (2, 16), generator=torch.Generator().manual_seed(0))
     simulated = prepare_qat(copy.deepcopy(model), QuantConfig.from_scheme("W4A4"))
-    integer = quantize(copy.deepcopy(model), QuantConfig.from_scheme("W4A4"), progress=False)
+    rtn = quantize(copy.deepcopy(model), QuantConfig.from_scheme("W4A4"), progress=False)
     with torch.no_grad():
-        a, b = simulated(input_ids=ids).logits, integer(input_ids=ids).logits
-    assert torch.allclose(a, b, rtol=1e-4, atol=1e-4)
+        a, b, c = (m(input_ids=ids).logits for m in (simulated, integer, rtn))
+    assert torch.allclose(a, b, rtol=1e-4, atol=1e-4) and torch.allclose(a, c, rtol=1e-4, atol=1e-4)
+
+
+def test_learned_qat_scales_train_and_convert_exactly():
+    import copy
+
+    from s2d.quant import QuantConfig, convert_qat, prepare_qat
+
+    model, _ = load_model("tiny:llama")
+    config = QuantConfig.from_scheme("W4A8")
+    prepare_qat(model, config, learn_scales=True)
+    scales = [p for n, p in model.named_parameters() if n.endswith("weight_scale")]
+    assert len(scales) == 21 and all(p.dim() == 1 for p in scales)
+    before = [p.detach().clone() for p in scales]
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    ids = torch.randint(3, 250, (2, 24), generator=torch.Generator().manual_seed(1))
+    for _ in range(3):
+        opt.zero_grad()
+        model(input_ids=ids, labels=ids).loss.backward()
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in scales)
+        opt.step()
+    assert any(not torch.equal(a, b) for a, b in zip(before, scales, strict=True))
+    integer = convert_qat(copy.deepcopy(model), config)
+    with torch.no_grad():
+        assert torch.allclose(model(input_ids=ids).logits, integer(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_learned_scales_need_symmetric_per_channel_weights():
+    from s2d.quant import QuantConfig, prepare_qat
+
+    model, _ = load_model("tiny:llama")
+    with pytest.raises(S2DError, match="symmetric per-channel"):
+        prepare_qat(model, QuantConfig.from_scheme("W4A8", w_granularity="per_group", w_group_size=16),
+                    learn_scales=True)
 
 
 def test_bad_qat_scheme_is_a_clear_error():

@@ -214,6 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reg-option", action="append", metavar="KEY=VALUE",
                    help="regularizer option, e.g. lam=5e-4, form=decoupled, tau=0.95, k_max=3, fold_norms=true")
     p.add_argument("--qat", metavar="SCHEME", help="quantization-aware training, e.g. W4A4")
+    p.add_argument("--qat-learn-scales", dest="qat_learn_scales", action="store_true", default=None,
+                   help="with --qat: learn each weight scale with the weights (LSQ)")
     p.add_argument("--steps", type=int)
     p.add_argument("--lr", type=float)
     p.add_argument("--batch-size", dest="batch_size", type=int, help="global batch per optimizer step")

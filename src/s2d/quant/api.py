@@ -82,11 +82,45 @@ def calibrate_activations(model: nn.Module, calib: CalibBatch, chunk_size: int =
             m.finish_calibration()
 
 
-def prepare_qat(model: nn.Module, config: QuantConfig, filter: Filter | None = None) -> nn.Module:
-    """Swap the targeted Linears for FakeQuantLinears (float weights, STE gradients) for quantization-aware training."""
+def prepare_qat(model: nn.Module, config: QuantConfig, filter: Filter | None = None,
+                learn_scales: bool = False) -> nn.Module:
+    """Swap the targeted Linears for FakeQuantLinears (float weights, STE gradients) for quantization-aware training.
+
+    With `learn_scales`, each weight scale is a parameter (LSQ); add it to the optimizer with the weights.
+    """
     target = filter or describe(model).is_target
     w_spec, a_spec = config.weight_spec(), config.act_spec()
-    swap_linears(model, target, lambda linear, name: FakeQuantLinear.from_linear(linear, w_spec, a_spec))
+    swap_linears(model, target,
+                 lambda linear, name: FakeQuantLinear.from_linear(linear, w_spec, a_spec, learn_scales))
+    model.s2d_quant_config = config
+    return model
+
+
+@torch.no_grad()
+def convert_qat(model: nn.Module, config: QuantConfig) -> nn.Module:
+    """Turn a QAT model into QuantLinears holding the very integers its forward rounded to (in place)."""
+    def make(linear: nn.Module, name: str) -> nn.Module:
+        if not isinstance(linear, FakeQuantLinear):
+            return linear
+        q, scale, zero = linear.integer_weight()
+        return QuantLinear.from_linear(linear, linear.w_spec, linear.a_spec, False, q, scale, zero)
+
+    swap_linears(model, lambda m, name: isinstance(m, FakeQuantLinear), make)
+    model.s2d_quant_config = config
+    return model
+
+
+@torch.no_grad()
+def strip_qat(model: nn.Module) -> nn.Module:
+    """Put plain nn.Linears (the float weights) back in place of FakeQuantLinears, in place."""
+    def make(linear: nn.Module, name: str) -> nn.Module:
+        plain = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None)
+        plain.load_state_dict({k: v for k, v in linear.state_dict().items() if k != "weight_scale"})
+        return plain.to(linear.weight.device, linear.weight.dtype)
+
+    swap_linears(model, lambda m, name: isinstance(m, FakeQuantLinear), make)
+    if hasattr(model, "s2d_quant_config"):
+        del model.s2d_quant_config
     return model
 
 

@@ -6,12 +6,14 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from s2d.errors import S2DError
 from s2d.quant.primitives import (
     QuantSpec,
     RangeObserver,
     choose_qparams,
     dequantize_affine,
     fake_quantize,
+    lsq_fake_quantize,
     quantize_affine,
 )
 from s2d.quant.rotate import Rotation
@@ -130,25 +132,51 @@ class QuantLinear(nn.Module):
 class FakeQuantLinear(nn.Linear):
     """For quantization-aware training: float weights, fake-quantized (weights and inputs) in the forward.
 
-    Gradients pass through the rounding by the straight-through estimator.
+    Gradients pass through the rounding by the straight-through estimator. With `learn_scale`, each output
+    channel's weight scale is a parameter trained with the weights (LSQ); otherwise it follows min-max.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool, w_spec: QuantSpec | None,
-                 a_spec: QuantSpec | None):
+                 a_spec: QuantSpec | None, learn_scale: bool = False):
         super().__init__(in_features, out_features, bias=bias)
         self.w_spec, self.a_spec = w_spec, a_spec
+        if learn_scale:
+            if w_spec is None or not w_spec.symmetric or w_spec.granularity != "per_channel":
+                raise S2DError("learnable QAT scales need symmetric per-channel weights (e.g. scheme W4A4 defaults)")
+            self.weight_scale = nn.Parameter(torch.ones(out_features))  # 1-D: no weight decay on it
+        else:
+            self.weight_scale = None
 
     @classmethod
     @torch.no_grad()
-    def from_linear(cls, linear: nn.Linear, w_spec: QuantSpec | None, a_spec: QuantSpec | None) -> FakeQuantLinear:
-        new = cls(linear.in_features, linear.out_features, linear.bias is not None, w_spec, a_spec)
+    def from_linear(cls, linear: nn.Linear, w_spec: QuantSpec | None, a_spec: QuantSpec | None,
+                    learn_scale: bool = False) -> FakeQuantLinear:
+        new = cls(linear.in_features, linear.out_features, linear.bias is not None, w_spec, a_spec, learn_scale)
         new.weight.copy_(linear.weight)
         if linear.bias is not None:
             new.bias.copy_(linear.bias)
+        if learn_scale:
+            new.weight_scale.copy_(choose_qparams(linear.weight.detach().float(), w_spec)[0].reshape(-1))
         return new.to(linear.weight.device, linear.weight.dtype)
 
+    def quantized_weight(self) -> torch.Tensor:
+        if self.w_spec is None:
+            return self.weight
+        if self.weight_scale is not None:
+            return lsq_fake_quantize(self.weight, self.weight_scale.abs().clamp_min(1e-8).unsqueeze(1), self.w_spec)
+        return fake_quantize(self.weight, self.w_spec)
+
+    @torch.no_grad()
+    def integer_weight(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(qweight, scale, zero_point) exactly as the forward rounds the weight, for QuantLinear."""
+        w = self.weight.detach().float()
+        if self.weight_scale is None:
+            scale, zero = choose_qparams(w, self.w_spec)
+        else:
+            scale, zero = self.weight_scale.detach().abs().clamp_min(1e-8).float().reshape(-1, 1), None
+        return quantize_affine(w, scale, zero, self.w_spec), scale, zero
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight if self.w_spec is None else fake_quantize(self.weight, self.w_spec)
         if self.a_spec is not None:
             x = fake_quantize(x, self.a_spec)
-        return F.linear(x, w, self.bias)
+        return F.linear(x, self.quantized_weight(), self.bias)

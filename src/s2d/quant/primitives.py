@@ -217,6 +217,17 @@ def ste(x: torch.Tensor, x_quant: torch.Tensor) -> torch.Tensor:
     return x + (x_quant - x).detach()
 
 
+def lsq_fake_quantize(w: torch.Tensor, scale: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Fake-quantize `w` with a *learnable* symmetric scale (LSQ, Esser et al. 2020), one per broadcast block.
+
+    Only the rounding is straight-through; the clamp is not, so weights outside the range get no gradient
+    and the scale gets LSQ's gradient (round(w/s) − w/s inside the range, qmin or qmax outside).
+    """
+    q = (w / scale).clamp(spec.qmin, spec.qmax)
+    q = q + (torch.round(q) - q).detach()
+    return q * scale
+
+
 def fake_quantize(x: torch.Tensor, spec: QuantSpec, scale: torch.Tensor | None = None,
                   zero_point: torch.Tensor | None = None) -> torch.Tensor:
     """Quantize then dequantize `x` (dynamic qparams unless given), with an STE for gradients."""

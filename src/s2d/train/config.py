@@ -27,6 +27,7 @@ class TrainConfig(Config):
     reg: str = "none"  # none | s2d | wd | specnorm | kure
     reg_config: dict = field(default_factory=dict)
     qat: str | None = None  # e.g. "W4A4": fake-quant forward with a straight-through estimator
+    qat_learn_scales: bool = False  # LSQ: each weight scale is trained with the weights
     image_data: str = "digits"  # digits | fashion-mnist
     image_folder: str | None = None
     eval_samples: int = 64

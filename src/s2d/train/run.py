@@ -33,7 +33,7 @@ def finetune(model_spec: str, config: TrainConfig, out: str | Path, progress: bo
 
         # FakeQuantLinear keeps nn.Linear's parameters and state-dict keys, so S2D, checkpoints and
         # save_pretrained see an ordinary model; only the forward rounds weights and inputs.
-        prepare_qat(model, config.qat_config())
+        prepare_qat(model, config.qat_config(), learn_scales=config.qat_learn_scales)
     task = make_task(config, model, tokenizer)
     result = train(model, task, config, Path(out) / "checkpoints", model_name=model_spec, progress=progress)
     if run is not None:
@@ -57,6 +57,15 @@ def _write(run: RunFolder, model, tokenizer, config: TrainConfig, result: TrainR
                               "selected": {n: rec["k_target"] for n, rec in r["layers"].items() if rec["k_target"]}}
                              for r in result.reg_log]}
     run.write_metrics(metrics)
+    if config.qat:
+        import copy
+
+        from s2d.quant import convert_qat, save_quantized, strip_qat
+
+        # The integers the QAT forward rounded to (with learned scales, if any), then the plain float model.
+        integer = convert_qat(copy.deepcopy(model), config.qat_config())
+        save_quantized(integer, run.path / "model-quantized", tokenizer, config.qat_config())
+        strip_qat(model)
     with atomic_dir(run.path / "model") as tmp:
         model.save_pretrained(tmp)
         if tokenizer is not None:
@@ -67,7 +76,9 @@ def _write(run: RunFolder, model, tokenizer, config: TrainConfig, result: TrainR
     text = [f"# finetune {model_spec} on {config.task} with reg={config.reg}\n",
             f"{result.steps} steps in {result.seconds:.1f} s.\n", md_table(["final", "value"], rows)]
     if config.qat:
-        text.append(f"\nTrained with {config.qat} quantization-aware training; `s2d quantize {run.path / 'model'} "
-                    f"--scheme {config.qat} --method rtn` gives the integer model whose forward QAT simulated.\n")
+        text.append(f"\nTrained with {config.qat} quantization-aware training"
+                    f"{' with learned weight scales' if config.qat_learn_scales else ''}. `model-quantized/` holds the "
+                    "integer model whose forward QAT simulated (load it with `s2d.load_model`); `model/` the float "
+                    "weights.\n")
     text += [f"\n![{name}](figures/{path.name})\n" for name, path in figures.items()]
     run.write_text("report.md", "\n".join(text))
