@@ -18,7 +18,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from s2d.report.markdown import md_table  # noqa: E402
+from s2d.report.markdown import fmt, md_table  # noqa: E402
 
 DOCS = Path("docs")
 
@@ -101,6 +101,17 @@ def diagnose(r: Results) -> None:
                 for i, name in enumerate(m["ranking"])]
         r.text(md_table(["rank", "model", "max |x|", "mean kurtosis", "massive", "σ₁ p50", "σ₁ p99", "σ₁ max"], rows),
                True)
+        worst, mild = m["ranking"][0], m["ranking"][-1]
+        sw, sm = m["severity"][worst], m["severity"][mild]
+        r.text(f"Reading: {worst} has {sw['max_abs'] / sm['max_abs']:.0f}× the peak activation of {mild} "
+               f"({fmt(sw['max_abs'])} vs {fmt(sm['max_abs'])}), {sw['massive_count']} massive residual entries "
+               f"against {sm['massive_count']}, and a {sw['sigma1_p99'] / sm['sigma1_p99']:.1f}× larger 99th "
+               f"percentile of σ₁. Mean kurtosis ranks them the other way ({fmt(sw['mean_kurtosis'])} vs "
+               f"{fmt(sm['mean_kurtosis'])}): it averages over Linears, and most of the more heavily trained "
+               "model's Linears are tame while a few carry the extreme values. These are two different models "
+               "(a decoder LM and a post-norm sentence encoder), not two stages of one pre-training; the "
+               "same-model miniature of 'outliers grow with pre-training' needs the ViT checkpoints (pending).",
+               True)
     b = r.load(Path("bench/out/diagnose_memory.json"))
     if b:
         r.text("**Memory of diagnose** (`python bench/diagnose_memory.py`, each size in a fresh process):")
@@ -131,6 +142,13 @@ def quantization(r: Results) -> None:
             rows += [[s, *[results[f"{s} {meth}"]["eval"][task][key] if f"{s} {meth}" in results else None
                            for meth in methods]] for s in schemes]
             r.text(md_table(["scheme", *methods], rows), first)
+        ppl_task = next(t for t in results["FP"]["eval"] if t.startswith("ppl"))
+        w4a4 = {meth: results[f"W4A4 {meth}"]["eval"][ppl_task]["ppl"] for meth in methods if f"W4A4 {meth}" in results}
+        if w4a4:
+            best = min(w4a4, key=w4a4.get)
+            fp_ppl = fmt(results["FP"]["eval"][ppl_task]["ppl"])
+            r.text(f"Reading: at W4A4 the best method is {best} (ppl {fmt(w4a4[best])} against FP {fp_ppl}); "
+                   f"plain RTN gives {fmt(w4a4.get('rtn'))}.", True)
         if (folder / "figures" / "grid.png").is_file():
             r.figure(folder / "figures" / "grid.png", "quant-grid.png", "SmolLM2 perplexity by scheme and method")
     b = r.load(Path("bench/out/quant_speed.json"))
