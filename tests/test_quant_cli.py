@@ -53,3 +53,17 @@ def test_bad_quantize_input_is_a_clear_error(argv, match, tmp_path, capsys):
 def test_rotation_on_a_post_norm_family_says_why(tmp_path, capsys):
     assert main(["quantize", "tiny:bert", "--rotate", *SMALL, "--out", str(tmp_path / "x")]) == 2
     assert "LayerNorm" in capsys.readouterr().err
+
+
+def test_an_interrupted_sweep_resumes_cell_by_cell(tmp_path):
+    out = tmp_path / "sweep"
+    first = ["quantize", "tiny:llama", "--sweep", "--schemes", "W8A8", "--methods", "rtn", *SMALL, "--out", str(out)]
+    assert main(first) == 0
+    done = json.loads((out / "metrics.json").read_text())["results"]
+    done["W8A8 rtn"]["eval"]["ppl:wiki@128"]["ppl"] = -1.0  # a marker: a resumed cell is read, not recomputed
+    (out / "metrics.json").write_text(json.dumps({**json.loads((out / "metrics.json").read_text()),
+                                                  "results": done}))
+    assert main([*first[:4], "W8A8,W4A4", *first[5:]]) == 0
+    results = json.loads((out / "metrics.json").read_text())["results"]
+    assert results["W8A8 rtn"]["eval"]["ppl:wiki@128"]["ppl"] == -1.0
+    assert results["W4A4 rtn"]["eval"]["ppl:wiki@128"]["ppl"] > 1.0

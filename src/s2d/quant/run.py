@@ -67,6 +67,21 @@ def quantize_one(model, tokenizer, qconfig: QuantConfig, calib, sqnr_batch=None,
     return model, sqnr, seconds
 
 
+def _finished_rows(folder: Path, model_spec: str, eval_config: dict) -> dict:
+    """Cells an interrupted sweep in `folder` already measured, if it used the same model and evaluation."""
+    import json
+
+    path = folder / "metrics.json"
+    if not path.is_file():
+        return {}
+    try:
+        old = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return {}
+    same = old.get("model") == model_spec and old.get("eval_config") == json.loads(json.dumps(eval_config))
+    return dict(old.get("results", {})) if same else {}
+
+
 def run_quantize(model_spec: str, config: QuantRunConfig, out: str | Path, save_model: bool = True,
                  progress: bool = True) -> dict:
     """One scheme and method: quantize, measure SQNR, evaluate, save. Several: the sweep table and figure."""
@@ -85,9 +100,13 @@ def run_quantize(model_spec: str, config: QuantRunConfig, out: str | Path, save_
         check_rotatable(model)  # before any evaluation: say why the family cannot be rotated
     calib = calibration_batch(tokenizer, wiki_text("train"), config.n_samples, config.seq_len, config.seed)
     sqnr_batch = calib[: config.sqnr_samples]
-    rows = {"FP": {"eval": evaluate(model, tokenizer, eval_config, progress=progress)}}
+    rows = _finished_rows(run.path, str(model_spec), eval_config.to_dict())  # a sweep resumes cell by cell
+    if "FP" not in rows:
+        rows["FP"] = {"eval": evaluate(model, tokenizer, eval_config, progress=progress)}
     for scheme in config.schemes:
         for method in config.methods:
+            if f"{scheme} {method}" in rows:
+                continue
             if model is None:
                 model, tokenizer = load_model(model_spec)
             qconfig = config.quant_config(scheme, method)
@@ -105,7 +124,9 @@ def run_quantize(model_spec: str, config: QuantRunConfig, out: str | Path, save_
 
                 save_quantized(model, run.path / "model", tokenizer, qconfig)
             model = None  # quantization is in place: the next cell starts from a fresh copy
-    metrics = {"model": str(model_spec), "results": rows, "eval_config": eval_config.to_dict()}
+            run.write_metrics({"model": str(model_spec), "results": rows, "eval_config": eval_config.to_dict(),
+                               "complete": False})
+    metrics = {"model": str(model_spec), "results": rows, "eval_config": eval_config.to_dict(), "complete": True}
     run.write_metrics(metrics)
     from s2d.report.quant import write_quant_report
 

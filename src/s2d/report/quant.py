@@ -38,7 +38,7 @@ def plot_grid(rows: dict, schemes, methods, task: str, path):
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(schemes) + 2), 3.8), dpi=110)
     width = 0.8 / len(methods)
     for j, method in enumerate(methods):
-        values = [metric_of(rows[f"{s} {method}"], task) for s in schemes]
+        values = [metric_of(rows[f"{s} {method}"], task) if f"{s} {method}" in rows else None for s in schemes]
         ax.bar([i + j * width for i in range(len(schemes))], [v if v and math.isfinite(v) else 0 for v in values],
                width=width, label=method)
     fp = metric_of(rows["FP"], task)
