@@ -13,6 +13,7 @@ from s2d.diagnose.config import DiagnoseConfig
 from s2d.diagnose.spectra import PCDRAccumulator, weight_spectrum
 from s2d.diagnose.stats import RunningStats, summarize
 from s2d.errors import S2DError
+from s2d.memory import return_large_allocations
 
 
 def _tensor(out):
@@ -91,6 +92,7 @@ def collect(model, batches: list[dict], config: DiagnoseConfig, progress: bool =
     if not batches:
         raise S2DError("no calibration batches: give at least one sample (--n-samples 1 or more)")
     model.eval()
+    return_large_allocations()  # batch-sized temporaries must not fragment the heap (RSS would grow with N)
     start = time.perf_counter()
     collector = _Collector(desc, config, len(batches), progress)
     spectra_seconds = time.perf_counter() - start
