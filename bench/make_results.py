@@ -71,7 +71,12 @@ def evaluation(r: Results) -> None:
     if t:
         r.text("**Throughput, s2d against lm-eval-harness** (`python bench/eval_throughput.py`, same model, tokens "
                "and windows, arms alternating):")
-        r.text("```json\n" + json.dumps(t.get("summary", t), indent=1)[:3000] + "\n```")
+        r.text(md_table(["arm", "tokens", "tokens/s", "wall s", "process s", "NLL/token"],
+                        [[arm, v["tokens"], v["median_tokens_per_s"], v["median_wall_s"], v["median_process_s"],
+                          f"{v['nll_mean']:.8f}"] for arm, v in t["summary"].items()]))
+        r.text(f"Speed ratio s2d/lm-eval, same rolling windows: {t['ratio_s2d_over_lm_eval']:.3f} (target ≥ 1); "
+               f"|NLL/token difference| {t['nll_mean_abs_diff']:.1e}. Model {t['args']['model']}, seq_len "
+               f"{t['args']['seq_len']}, batch {t['args']['batch_size']}, median of {t['args']['repeats']} repeats.")
 
 
 def diagnose(r: Results) -> None:
@@ -129,6 +134,10 @@ def quantization(r: Results) -> None:
         r.quote(r.command(folder), True)
         r.text("SmolLM2's packaged weights were already 4-bit (Q4_1, group 32): W4 numbers on it are flattering.",
                True)
+        if not m.get("complete", True):
+            cells = len(m["results"]) - 1
+            r.text(f"This sweep was interrupted after {cells} cells (empty cells show '-'); rerunning the same "
+                   "command resumes it.", True)
         results = m["results"]
         methods = list(dict.fromkeys(k.split(" ", 1)[1] for k in results if k != "FP"))
         schemes = list(dict.fromkeys(k.split(" ", 1)[0] for k in results if k != "FP"))
