@@ -51,12 +51,12 @@ class _Collector:
         for seen, summary in self._recent:
             if seen is x:
                 return summary
-        if not torch.isfinite(x).all():
+        c = self.config
+        summary = summarize(x, c.threshold, c.massive_abs, c.keep_massive, self.sample0)
+        if not math.isfinite(summary.max_abs):  # max|x| propagates NaN and Inf: no separate pass needed
             raise S2DError(f"non-finite activations (NaN or Inf) first appear at {where}, on calibration batch "
                            f"{self.batch_index}; the weights may be corrupt or the model overflows in this dtype "
                            "(try float32)")
-        c = self.config
-        summary = summarize(x, c.threshold, c.massive_abs, c.keep_massive, self.sample0)
         self._recent = [(x, summary)] + self._recent[:3]
         return summary
 
