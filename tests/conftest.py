@@ -23,6 +23,17 @@ def minilm():
     return load_model("minilm-l6")
 
 
+@pytest.fixture
+def one_thread():
+    """Run on one thread: small float64 algebra and tiny models are far faster so when cores are shared."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 _FIGURES: list[str] = []
 
 

@@ -12,14 +12,7 @@ from s2d.lowrank.factorized import FactorizedLinear, break_even_rank
 from s2d.lowrank.rom import OutputStats, principal_directions, rom_factors
 from s2d.lowrank.svd import svd_factors
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Small float64 linear algebra is far faster on one thread when the machine's cores are shared.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _layer(d_in, d_out, bias, seed=0):

@@ -15,14 +15,7 @@ from s2d.lowrank.budget import model_parameters
 from s2d.lowrank.rom import OutputStats, rom_factors
 from s2d.lowrank.runner import BlockRunner, forward_from, returns_tuple
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models run far faster on one thread when the machine's cores are shared.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _calib(n=8, seq=32, seed=0):
