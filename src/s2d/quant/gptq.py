@@ -24,15 +24,19 @@ from s2d.quant.swap import set_module
 
 
 class HessianAccumulator:
-    """Streaming sum of x x^T in float64 over every row of the inputs seen: H = 2 X^T X / n."""
+    """Streaming sum of x x^T over every row of the inputs seen: H = 2 X^T X / n.
+
+    Each chunk's product is formed in float32 (half the time of float64 on a CPU; a chunk is a few thousand
+    rows, well within float32's precision) and added to a float64 running sum, so long streams do not drift.
+    """
 
     def __init__(self, n_features: int):
         self.sum = torch.zeros(n_features, n_features, dtype=torch.float64)
         self.rows = 0
 
     def add(self, x: torch.Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1]).double()
-        self.sum.addmm_(x.t(), x)
+        x = x.detach().reshape(-1, x.shape[-1]).float()
+        self.sum += x.t() @ x
         self.rows += x.shape[0]
 
     def hessian(self) -> torch.Tensor:
