@@ -129,6 +129,11 @@ def test_ddp_two_processes_equal_one(tmp_path):
     one = subprocess.run(_finetune_cmd(tmp_path / "one", [sys.executable]), env=env, capture_output=True,
                          text=True, timeout=300)
     assert one.returncode == 0, one.stderr[-2000:]
+    refreshes = json.loads((tmp_path / "one" / "metrics.json").read_text())["refreshes"]
+    assert [r["step"] for r in refreshes] == [0, 2] and any(r["selected"] for r in refreshes)
+    for r in refreshes:  # the run folder records σ and PCDR of exactly the layers S2D selected
+        assert set(r["selected_sigma"]) == set(r["selected_pcdr"]) == set(r["selected"])
+        assert all(s == sorted(s, reverse=True) for s in r["selected_sigma"].values())
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     two = subprocess.run(_finetune_cmd(tmp_path / "two", torchrun), env=env, capture_output=True, text=True,
                          timeout=300)

@@ -54,7 +54,12 @@ def _write(run: RunFolder, model, tokenizer, config: TrainConfig, result: TrainR
                "steps": result.steps, "seconds": result.seconds, "resumed_from": result.resumed_from,
                "history": result.history, "evals": result.evals,
                "refreshes": [{"step": r["step"], "penalty_value": r.get("penalty_value"),
-                              "selected": {n: rec["k_target"] for n, rec in r["layers"].items() if rec["k_target"]}}
+                              "selected": {n: rec["k_target"] for n, rec in r["layers"].items() if rec["k_target"]},
+                              # σ and PCDR of the selected layers: the trajectory of what S2D acts on
+                              "selected_sigma": {n: rec["sigma"] for n, rec in r["layers"].items()
+                                                 if rec.get("k_target")},
+                              "selected_pcdr": {n: rec.get("pcdr") for n, rec in r["layers"].items()
+                                                if rec.get("k_target")}}
                              for r in result.reg_log]}
     run.write_metrics(metrics)
     if config.qat:
