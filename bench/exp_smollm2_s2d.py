@@ -2,13 +2,17 @@
 
 Every arm fine-tunes SmolLM2 on wiki *train* text with the same data order, steps, batch and learning rate
 (`s2d finetune`, resumable from its checkpoints), then is measured the same way on wiki *test*:
-- `s2d quantize MODEL --sweep` (RTN, per-token activations): FP, W8A8, W6A6 and W4A4 perplexity, polarity;
-- `s2d diagnose MODEL`: max|x|, σ₁ and PCDR of every Linear.
+- `quant`:   `s2d quantize --sweep`, W8A8 / W6A6 / W4A4 × RTN, rotation+RTN, SmoothQuant+RTN, per-token
+             activations, perplexity on the first --ppl-tokens test tokens;
+- `quant-pt`: W4A4 RTN with per-tensor activations, same tokens;
+- `eval`:    polarity and analogy accuracy of the full-precision model;
+- `diagnose`: max|x|, σ₁ and PCDR of every Linear.
 The starting model is measured as the arm "start". A stage whose metrics.json exists is skipped, so the
-script resumes where it stopped. --table prints the Markdown table from the finished run folders.
+script resumes where it stopped. --table prints the Markdown tables from the finished run folders, and
+--figures writes the experiment's figures.
 
-Usage: python bench/exp_smollm2_s2d.py [--arms adamw s2d-decoupled ...] [--steps 100] [--seed 0]
-       [--root runs/exp-smollm2] [--table]
+Usage: python bench/exp_smollm2_s2d.py [--arms start adamw s2d-decoupled ...] [--steps 100] [--seed 0]
+       [--root runs/exp-smollm2] [--table] [--figures DIR]
 """
 
 from __future__ import annotations
@@ -16,80 +20,169 @@ from __future__ import annotations
 import argparse
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 # The decoupled form shrinks σ_k by η·λ·σ_kⁿ per step: at η = 5e-5 and σ₁ ≈ 28 (block 11's down_proj),
 # λ = 2 removes about 25% of σ₁ in 100 steps, the probe's effective regime (SPEC §2). The coupled form keeps
-# the paper's λ = 5e-4: under Adam its strength barely depends on λ.
+# the paper's λ = 5e-4: under Adam its strength barely depends on λ. Refreshing every 25 steps (the default
+# m is 100) gives four readings of the selected σ over a 100-step run and lets the selection follow the decay.
+S2D = ["--reg", "s2d", "--reg-option", "refresh_every=25"]
+DECOUPLED = [*S2D, "--reg-option", "form=decoupled", "--reg-option", "lam=2.0"]
 ARMS = {
     "adamw": ["--reg", "none"],
-    "s2d-decoupled": ["--reg", "s2d", "--reg-option", "form=decoupled", "--reg-option", "lam=2.0"],
-    "s2d-decoupled-fold": ["--reg", "s2d", "--reg-option", "form=decoupled", "--reg-option", "lam=2.0",
-                           "--reg-option", "fold_norms=true"],
-    "s2d-decoupled-outliers": ["--reg", "s2d", "--reg-option", "form=decoupled", "--reg-option", "lam=2.0",
-                               "--reg-option", "pcdr_rows=outliers", "--reg-option", "tau=0.8"],
-    "s2d-coupled": ["--reg", "s2d", "--reg-option", "form=coupled", "--reg-option", "lam=5e-4"],
+    "s2d-decoupled": DECOUPLED,
+    "s2d-decoupled-fold": [*DECOUPLED, "--reg-option", "fold_norms=true"],
+    "s2d-decoupled-outliers": [*DECOUPLED, "--reg-option", "pcdr_rows=outliers", "--reg-option", "tau=0.8"],
+    "s2d-coupled": [*S2D, "--reg-option", "form=coupled", "--reg-option", "lam=5e-4"],
     "specnorm": ["--reg", "specnorm"],
     "kure": ["--reg", "kure"],
 }
-SCHEMES = "W8A8,W6A6,W4A4"
+DEFAULT_ARMS = ["start", "adamw", "s2d-decoupled", "s2d-decoupled-fold", "s2d-coupled", "specnorm", "kure",
+                "s2d-decoupled-outliers"]
+SCHEMES, METHODS = "W8A8,W6A6,W4A4", "rtn,rotate+rtn,smooth+rtn"
 
 
 def run(cmd: list[str], log: Path) -> None:
     print("$", " ".join(cmd), flush=True)
+    exe = str(Path(sys.executable).with_name("s2d"))
     with log.open("a") as f:
-        subprocess.run(cmd, check=True, stdout=f, stderr=subprocess.STDOUT)
+        subprocess.run([exe, *cmd[1:]], check=True, stdout=f, stderr=subprocess.STDOUT)
+
+
+def stages(name: str, args, folder: Path) -> dict[str, list[str]]:
+    """Stage name -> command, in order; each writes folder/<stage>/metrics.json."""
+    model = args.model if name == "start" else str(folder / "finetune" / "model")
+    ppl = ["--ppl-tokens", str(args.ppl_tokens)]
+    out = {}
+    if name != "start":
+        out["finetune"] = ["s2d", "finetune", args.model, "--task", "lm", *ARMS[name], "--steps",
+                           str(args.steps), "--lr", str(args.lr), "--batch-size", "2", "--seq-len", "256",
+                           "--warmup", "10", "--seed", str(args.seed), "--eval-every", "0",
+                           "--checkpoint-every", "25"]
+    out["quant"] = ["s2d", "quantize", model, "--sweep", "--schemes", SCHEMES, "--methods", METHODS,
+                    "--eval", "ppl:wiki", *ppl]
+    out["quant-pt"] = ["s2d", "quantize", model, "--scheme", "W4A4", "--option", "a_granularity=per_tensor",
+                       "--eval", "ppl:wiki", *ppl, "--no-model"]
+    out["eval"] = ["s2d", "eval", model, "--tasks", "polarity,analogy-mc"]
+    out["diagnose"] = ["s2d", "diagnose", model]
+    return {k: [*v, "--out", str(folder / k)] for k, v in out.items()}
 
 
 def arm(name: str, args, root: Path) -> None:
     folder = root / f"{name}-s{args.seed}"
     folder.mkdir(parents=True, exist_ok=True)
-    log = folder / "log.txt"
-    if name == "start":
-        model = "smollm2-135m"
-    else:
-        model = str(folder / "finetune" / "model")
-        if not (folder / "finetune" / "metrics.json").is_file():
-            run(["s2d", "finetune", "smollm2-135m", "--task", "lm", *ARMS[name], "--steps", str(args.steps),
-                 "--lr", str(args.lr), "--batch-size", "2", "--seq-len", "256", "--warmup", "10",
-                 "--seed", str(args.seed), "--eval-every", "0", "--checkpoint-every", "25",
-                 "--out", str(folder / "finetune")], log)
-    if not (folder / "quant" / "metrics.json").is_file():
-        run(["s2d", "quantize", model, "--sweep", "--schemes", SCHEMES, "--methods", "rtn", "--eval",
-             "ppl:wiki,polarity", "--ppl-tokens", str(args.ppl_tokens), "--out", str(folder / "quant")], log)
-    if not (folder / "diagnose" / "metrics.json").is_file():
-        run(["s2d", "diagnose", model, "--out", str(folder / "diagnose")], log)
+    for stage, cmd in stages(name, args, folder).items():
+        if not (folder / stage / "metrics.json").is_file():
+            run(cmd, folder / "log.txt")
+
+
+def _load(folder: Path, stage: str) -> dict | None:
+    path = folder / stage / "metrics.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def finished(root: Path) -> dict[str, Path]:
+    """Arm folders with every stage measured, the starting model first."""
+    done = {p.name: p for p in sorted(root.iterdir()) if all(_load(p, s) for s in ("quant", "quant-pt", "eval",
+                                                                                   "diagnose"))}
+    return dict(sorted(done.items(), key=lambda kv: not kv[0].startswith("start")))
+
+
+def selected_layers(root: Path) -> list[str]:
+    """The Linears the first refresh of any S2D arm selected (the same start model, so the same choice)."""
+    names: list[str] = []
+    for folder in sorted(root.glob("s2d-*")):
+        ft = _load(folder, "finetune")
+        if ft and ft.get("refreshes"):
+            names += [n for n in ft["refreshes"][0]["selected"] if n not in names]
+    return names
 
 
 def table(root: Path) -> str:
     from s2d.report import md_table
 
-    rows = []
-    for folder in sorted(p for p in root.iterdir() if (p / "diagnose" / "metrics.json").is_file()):
-        q = json.loads((folder / "quant" / "metrics.json").read_text())["results"]
-        d = json.loads((folder / "diagnose" / "metrics.json").read_text())
+    quality, outliers = [], []
+    sel = selected_layers(root)
+    for name, folder in finished(root).items():
+        q = _load(folder, "quant")["results"]
+        pt = _load(folder, "quant-pt")["results"]
+        ev, d, ft = _load(folder, "eval")["tasks"], _load(folder, "diagnose"), _load(folder, "finetune")
         ppl = {k: v["eval"]["ppl:wiki@128"]["ppl"] for k, v in q.items()}
-        top = max(d["linears"], key=lambda lin: lin["output"]["max_abs"])
-        ft = folder / "finetune" / "metrics.json"
-        seconds = json.loads(ft.read_text())["seconds"] if ft.is_file() else 0.0
-        rows.append([folder.name, ppl["FP"], ppl["W8A8 rtn"], ppl["W6A6 rtn"], ppl["W4A4 rtn"],
-                     q["FP"]["eval"]["polarity"]["acc"], q["W4A4 rtn"]["eval"]["polarity"]["acc"],
-                     d["severity"]["max_abs"], d["severity"]["sigma1_max"], top["sigma1"], top["pcdr"][0],
-                     round(seconds)])
-    return md_table(["arm", "FP ppl", "W8A8", "W6A6", "W4A4", "polarity FP", "polarity W4A4", "max |x|",
-                     "σ₁ max", "σ₁ of the max-|x| Linear", "its PCDR₁", "train s"], rows)
+        pt_ppl = next(v["eval"]["ppl:wiki@128"]["ppl"] for k, v in pt.items() if k != "FP")
+        quality.append([name, ppl["FP"], ppl["W8A8 rtn"], ppl["W6A6 rtn"], ppl["W4A4 rtn"], pt_ppl,
+                        ppl["W6A6 rotate+rtn"], ppl["W4A4 rotate+rtn"], ppl["W6A6 smooth+rtn"],
+                        ppl["W4A4 smooth+rtn"], ev["polarity"]["acc"], ev["analogy-mc"]["acc"],
+                        round(ft["seconds"]) if ft else 0])
+        lin = {x["name"]: x for x in d["linears"]}
+        top = [lin[n] for n in sel if n in lin]
+        outliers.append([name, d["severity"]["max_abs"], d["severity"]["massive_count"], d["severity"]["sigma1_max"],
+                         max((x["output"]["max_abs"] for x in top), default=None),
+                         max((x["sigma1"] for x in top), default=None),
+                         sum(x["pcdr"][0] for x in top) / len(top) if top else None,
+                         len(ft["refreshes"][0]["selected"]) if ft and ft.get("refreshes") else 0])
+    q_head = ["arm", "FP ppl", "W8A8", "W6A6", "W4A4", "W4A4 per-tensor A", "W6A6 rot", "W4A4 rot", "W6A6 smooth",
+              "W4A4 smooth", "polarity (FP)", "analogy (FP)", "train s"]
+    o_head = ["arm", "residual max |x|", "massive entries", "σ₁ max (all)", f"max |x| out of the {len(sel)} "
+              "selected", "σ₁ max (selected)", "mean PCDR₁ (selected)", "layers selected at step 0"]
+    return md_table(q_head, quality) + "\n\n" + md_table(o_head, outliers)
+
+
+def figures(root: Path, out: Path) -> list[tuple[str, str]]:
+    """Per-block max|x| by arm, σ over training steps, and the W4A4 gap; returns (file, caption)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from s2d.report.figures import save_figure
+
+    arms = finished(root)
+    out.mkdir(parents=True, exist_ok=True)
+    made = []
+    fig, ax = plt.subplots(figsize=(7, 3.6), dpi=110)
+    for name, folder in arms.items():
+        res = _load(folder, "diagnose")["residual"]
+        ax.plot([r["block"] for r in res], [r["max_abs"] for r in res], marker=".", label=name)
+    ax.set(yscale="log", xlabel="block", ylabel="residual max |x|", title="SmolLM2: max |x| per block, by arm")
+    ax.legend(fontsize=7)
+    made.append((save_figure(fig, out / "exp-smollm2-max.png").name, "Residual-stream max |x| per block, by arm"))
+
+    fig, ax = plt.subplots(figsize=(7, 3.6), dpi=110)
+    for name, folder in arms.items():
+        ft = _load(folder, "finetune")
+        if ft:
+            ax.plot([h["step"] for h in ft["history"]], [h["sigma_max"] for h in ft["history"]], label=name)
+    ax.set(xlabel="step", ylabel="largest σ₁ over all Linears", title="σ₁ over training steps")
+    ax.legend(fontsize=7)
+    made.append((save_figure(fig, out / "exp-smollm2-sigma.png").name, "Largest σ₁ of SmolLM2's Linears over steps"))
+
+    fig, ax = plt.subplots(figsize=(7, 3.6), dpi=110)
+    names = list(arms)
+    for i, method in enumerate(("rtn", "rotate+rtn", "smooth+rtn")):
+        gaps = []
+        for folder in arms.values():
+            q = _load(folder, "quant")["results"]
+            gaps.append(q[f"W4A4 {method}"]["eval"]["ppl:wiki@128"]["ppl"] / q["FP"]["eval"]["ppl:wiki@128"]["ppl"])
+        ax.bar([j + 0.27 * (i - 1) for j in range(len(names))], gaps, width=0.27, label=method)
+    ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=7)
+    ax.set(yscale="log", ylabel="W4A4 ppl / FP ppl", title="The W4A4 gap, by arm and method")
+    ax.legend(fontsize=7)
+    made.append((save_figure(fig, out / "exp-smollm2-w4a4-gap.png").name, "W4A4 perplexity over FP perplexity"))
+    return made
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--arms", nargs="+", default=["start", "adamw", "s2d-decoupled", "s2d-decoupled-fold",
-                                                  "s2d-coupled", "s2d-decoupled-outliers", "specnorm", "kure"])
+    ap.add_argument("--arms", nargs="+", default=DEFAULT_ARMS)
+    ap.add_argument("--model", default="smollm2-135m", help="the starting model (tiny:llama for a smoke run)")
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--lr", type=float, default=5e-5)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--ppl-tokens", type=int, default=16384)
+    ap.add_argument("--ppl-tokens", type=int, default=8192)
     ap.add_argument("--root", type=Path, default=Path("runs/exp-smollm2"))
-    ap.add_argument("--table", action="store_true")
+    ap.add_argument("--table", action="store_true", help="only print the tables of finished arms")
+    ap.add_argument("--figures", type=Path, help="write the figures into this folder")
     args = ap.parse_args()
     if not args.table:
         for name in args.arms:
@@ -97,6 +190,9 @@ def main() -> None:
                 raise SystemExit(f"unknown arm {name!r}; known: start, {', '.join(ARMS)}")
             arm(name, args, args.root)
     print(table(args.root))
+    if args.figures:
+        for file, caption in figures(args.root, args.figures):
+            print(f"wrote {args.figures / file}: {caption}")
 
 
 if __name__ == "__main__":
