@@ -128,38 +128,51 @@ def diagnose(r: Results) -> None:
 
 def quantization(r: Results) -> None:
     r.text("## Quantization (SmolLM2)", True)
-    folder = r.runs / "quant-sweep-smollm2"
+    r.text("SmolLM2's packaged weights were already 4-bit (Q4_1, group 32): every W4 number below is flattered "
+           "by that, since the weights sit on a 4-bit grid already (ASSETS.md).", True)
+    r.text("### The method table: RTN, GPTQ, SmoothQuant+GPTQ, rotation+GPTQ", True)
+    _sweep(r, r.runs / "quant-table-smollm2", True)
+    r.text("### Outlier baselines with RTN weights, and W4A8")
+    _sweep(r, r.runs / "quant-sweep-smollm2", False)
+
+
+def _sweep(r: Results, folder: Path, headline: bool) -> None:
     m = r.load(folder / "metrics.json")
-    if m:
-        r.quote(r.command(folder), True)
-        r.text("SmolLM2's packaged weights were already 4-bit (Q4_1, group 32): W4 numbers on it are flattering.",
-               True)
-        if not m.get("complete", True):
-            cells = len(m["results"]) - 1
-            r.text(f"This sweep was interrupted after {cells} cells (empty cells show '-'); rerunning the same "
-                   "command resumes it.", True)
-        results = m["results"]
-        methods = list(dict.fromkeys(k.split(" ", 1)[1] for k in results if k != "FP"))
-        schemes = list(dict.fromkeys(k.split(" ", 1)[0] for k in results if k != "FP"))
-        for task in results["FP"]["eval"]:
-            key = "ppl" if task.startswith("ppl") else "acc"
-            fp = results["FP"]["eval"][task]
-            size = f"{fp['n_tokens']:,} tokens" if key == "ppl" else f"{fp['n']} examples"
-            first = task == next(iter(results["FP"]["eval"]))
-            r.text(f"**{task}** ({key}, {size})", first)
-            rows = [["FP", *[fp[key]] * len(methods)]]
-            rows += [[s, *[results[f"{s} {meth}"]["eval"][task][key] if f"{s} {meth}" in results else None
-                           for meth in methods]] for s in schemes]
-            r.text(md_table(["scheme", *methods], rows), first)
-        ppl_task = next(t for t in results["FP"]["eval"] if t.startswith("ppl"))
-        w4a4 = {meth: results[f"W4A4 {meth}"]["eval"][ppl_task]["ppl"] for meth in methods if f"W4A4 {meth}" in results}
-        if w4a4:
-            best = min(w4a4, key=w4a4.get)
-            fp_ppl = fmt(results["FP"]["eval"][ppl_task]["ppl"])
-            r.text(f"Reading: at W4A4 the best method is {best} (ppl {fmt(w4a4[best])} against FP {fp_ppl}); "
-                   f"plain RTN gives {fmt(w4a4.get('rtn'))}.", True)
-        if (folder / "figures" / "grid.png").is_file():
-            r.figure(folder / "figures" / "grid.png", "quant-grid.png", "SmolLM2 perplexity by scheme and method")
+    if not m:
+        return
+    r.quote(r.command(folder), headline)
+    results = m["results"]
+    if not m.get("complete", True):
+        r.text(f"This sweep was interrupted after {len(results) - 1} cells (empty cells show '-'); rerunning the "
+               "same command resumes it.", headline)
+    methods = list(dict.fromkeys(k.split(" ", 1)[1] for k in results if k != "FP"))
+    schemes = list(dict.fromkeys(k.split(" ", 1)[0] for k in results if k != "FP"))
+    for i, task in enumerate(results["FP"]["eval"]):
+        key = "ppl" if task.startswith("ppl") else "acc"
+        fp = results["FP"]["eval"][task]
+        size = f"{fp['n_tokens']:,} tokens" if key == "ppl" else f"{fp['n']} examples"
+        r.text(f"**{task}** ({key}, {size})", headline and i == 0)
+        rows = [["FP", *[fp[key]] * len(methods)]]
+        rows += [[s, *[results[f"{s} {meth}"]["eval"][task][key] if f"{s} {meth}" in results else None
+                       for meth in methods]] for s in schemes]
+        r.text(md_table(["scheme", *methods], rows), headline and i == 0)
+    ppl_task = next(t for t in results["FP"]["eval"] if t.startswith("ppl"))
+    w4a4 = {meth: results[f"W4A4 {meth}"]["eval"][ppl_task]["ppl"] for meth in methods if f"W4A4 {meth}" in results}
+    if w4a4:
+        best = min(w4a4, key=w4a4.get)
+        fp_ppl = fmt(results["FP"]["eval"][ppl_task]["ppl"])
+        r.text(f"Reading: at W4A4 the best method is {best} (ppl {fmt(w4a4[best])} against FP {fp_ppl}); "
+               f"plain RTN gives {fmt(w4a4.get('rtn'))}.", headline)
+    seconds = {k: v["seconds"] for k, v in results.items() if "seconds" in v}
+    if seconds:
+        r.text("Quantization time per cell (s, including calibration passes): "
+               + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()) + ".")
+    if (folder / "figures" / "grid.png").is_file():
+        r.figure(folder / "figures" / "grid.png", f"{folder.name}-grid.png", "SmolLM2 perplexity by scheme and "
+                 "method")
+
+
+def quant_speed(r: Results) -> None:
     b = r.load(Path("bench/out/quant_speed.json"))
     if b:
         f = b["forward"]
@@ -194,15 +207,38 @@ def lowrank(r: Results) -> None:
             r.text("```json\n" + json.dumps(b.get("summary", b), indent=1)[:2500] + "\n```")
 
 
+def training(r: Results) -> None:
+    b = r.load(Path("bench/out/s2d_overhead.json"))
+    if not b:
+        return
+    r.text("## S2D's training overhead (SmolLM2)", True)
+    r.quote(f"python bench/s2d_overhead.py --steps {b['timed_steps_per_arm']}", True)
+    rows = [["AdamW step", b["plain_step_s"]["wall"], b["plain_step_s"]["process"]],
+            ["AdamW + S2D step (between refreshes)", b["s2d_step_s"]["wall"], b["s2d_step_s"]["process"]],
+            ["S2D refresh (top-K SVD of all Linears + PCDR)", b["refresh_s"]["wall"], b["refresh_s"]["process"]]]
+    r.text(md_table(["what", "wall s", "process s"], rows), True)
+    share = b["refresh_s"]["wall"] / (b["m"] * b["plain_step_s"]["wall"])
+    r.text(f"Batch {b['batch']}×{b['seq_len']} tokens, {b['form']} form, {b['targets']} targeted Linears, "
+           f"{b['timed_steps_per_arm']} alternating steps per arm. Per-step overhead {b['per_step_overhead']:+.1%} "
+           f"(zero within the noise of the alternating steps); the refresh amortized over m = {b['m']} steps "
+           f"costs {share:.1%} of an AdamW step; measured amortized overhead {b['amortized_overhead']:+.1%} "
+           "(target ≤ 3%).", True)
+
+
 def experiments(r: Results) -> None:
     root = r.runs / "exp-smollm2"
     if not root.is_dir():
         return
     import exp_smollm2_s2d
 
+    if not exp_smollm2_s2d.finished(root):
+        return
     r.text("## Experiment 1 in miniature: S2D on SmolLM2", True)
-    r.quote("python bench/exp_smollm2_s2d.py   # --table reprints this table", True)
+    r.quote("python bench/exp_smollm2_s2d.py   # --table reprints the tables, --figures DIR redraws the figures",
+            True)
     r.text(exp_smollm2_s2d.table(root), True)
+    for file, caption in exp_smollm2_s2d.figures(root, DOCS / "figures"):
+        r.text(f"![{caption}](figures/{file})\n\n*{caption}*")
 
 
 def main() -> None:
@@ -213,7 +249,7 @@ def main() -> None:
     r = Results(args.runs)
     r.text("# Results\n\nGenerated by `python bench/make_results.py` from the run folders named below; every "
            "number comes from the command quoted beside it. Machine: 2 CPU cores, no GPU.")
-    for section in (evaluation, diagnose, quantization, lowrank, experiments):
+    for section in (evaluation, diagnose, quantization, quant_speed, training, lowrank, experiments):
         section(r)
     if r.missing:
         r.text("## Not yet run\n\n" + "\n".join(f"- `{m}`" for m in r.missing))
