@@ -212,8 +212,9 @@ def test_cli_compress_writes_a_run_folder_and_a_reloadable_model(tmp_path):
 
     out = tmp_path / "run"
     assert main(["compress", "tiny:llama", "--method", "asvd", "--keep", "0.85", "--n-samples", "8",
-                 "--seq-len", "32", "--out", str(out)]) == 0
+                 "--seq-len", "32", "--eval", "ppl:wiki", "--ppl-tokens", "1024", "--out", str(out)]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["eval"]["ppl:wiki@128"]["n_input_tokens"] == 1024  # the slice --ppl-tokens asked for
     assert metrics["compression"]["summary"]["fraction_kept"] == pytest.approx(0.85, abs=0.005)
     assert (out / "figures" / "ranks.png").stat().st_size > 1000 and (out / "config.yaml").is_file()
     model, _ = load_model(out / "model")

@@ -81,7 +81,7 @@ def _compress(args: argparse.Namespace) -> None:
     tasks = tuple(t.strip() for t in args.eval.split(",") if t.strip()) if args.eval else ()
     out = args.out or default_run_dir("compress")
     m = run_compress(args.model, config, out, tasks, merge=args.merge, save_model=not args.no_model,
-                     eval_limit=args.limit)
+                     eval_limit=args.limit, ppl_tokens=args.ppl_tokens)
     s = m["compression"]["summary"]
     print(f"{args.method}: {s['params_before']:,} -> {s['params_after']:,} parameters ({s['fraction_kept']:.2%} "
           f"of the model, {s['block_linear_fraction_kept']:.2%} of block Linears) in "
@@ -260,6 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval", help="comma list of ppl:wiki, analogy-mc, polarity, wiki-cloze, run after compressing")
     p.add_argument("--limit", type=int, help="at most N examples per eval task")
+    p.add_argument("--ppl-tokens", dest="ppl_tokens", type=int, default=16384,
+                   help="perplexity on the first N tokens of the wiki test split")
     p.add_argument("--merge", action="store_true", help="save an ordinary dense folder (W = B·A)")
     p.add_argument("--no-model", dest="no_model", action="store_true", help="do not save the compressed model")
     p.add_argument("--out", help="run folder (default runs/compress-<time>)")

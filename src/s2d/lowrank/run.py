@@ -41,7 +41,8 @@ def _is_folder(spec: str) -> bool:
 
 
 def run_compress(model_spec: str, config: LowRankConfig, out: str | Path, eval_tasks: tuple[str, ...] = (),
-                 merge: bool = False, save_model: bool = True, eval_limit: int | None = None) -> dict:
+                 merge: bool = False, save_model: bool = True, eval_limit: int | None = None,
+                 ppl_tokens: int = 16384) -> dict:
     """Compress `model_spec` and write config.yaml, metrics.json, report.md, figures/ranks.png and model/.
 
     A safetensors folder is compressed block by block from disk (bounded memory) unless a search needs the
@@ -53,7 +54,8 @@ def run_compress(model_spec: str, config: LowRankConfig, out: str | Path, eval_t
 
     config.validate()
     run = RunFolder(out, "compress", {"model": str(model_spec), "lowrank": config.to_dict(),
-                                      "eval": list(eval_tasks), "merge": merge}, seed=config.seed)
+                                      "eval": list(eval_tasks), "ppl_tokens": ppl_tokens, "merge": merge},
+                    seed=config.seed)
     model_dir = run.path / "model"
     model = tokenizer = None
     if _is_folder(model_spec) and not config.search and not merge:
@@ -69,7 +71,8 @@ def run_compress(model_spec: str, config: LowRankConfig, out: str | Path, eval_t
     if eval_tasks:
         from s2d.eval.suite import EvalConfig, evaluate
 
-        results = evaluate(model, tokenizer, EvalConfig(tasks=tuple(eval_tasks), limit=eval_limit, seed=config.seed))
+        results = evaluate(model, tokenizer, EvalConfig(tasks=tuple(eval_tasks), limit=eval_limit, seed=config.seed,
+                                                        ppl_tokens=ppl_tokens))
     compression = report.to_dict()
     trials = (compression.get("search") or {}).pop("trials", None)
     if trials is not None:
