@@ -120,19 +120,25 @@ def _load_folder(folder: Path, dtype: torch.dtype, trust_remote_code: bool, head
     if getattr(config, "low_rank", None):
         from s2d.lowrank.io import load as load_low_rank
 
-        return load_low_rank(folder, config, _model_class(config, head), dtype), _load_tokenizer(folder)
+        model = load_low_rank(folder, config, _model_class(config, head), dtype)
+        _restore_quantization(model, folder)
+        return model, _load_tokenizer(folder)
     try:
         model = _model_class(config, head).from_pretrained(folder, dtype=dtype, trust_remote_code=trust_remote_code,
                                                            **extra)
     except (OSError, ValueError, RuntimeError) as err:
         raise S2DError(f"cannot load the weights in {folder}: {err}") from err
-    # Quantized models written by `s2d quantize` carry a `quantization` block in config.json and their integer
-    # weights in quantization.safetensors; s2d.quant.io swaps the QuantLinears back in (late import).
+    _restore_quantization(model, folder)
+    return model, _load_tokenizer(folder)
+
+
+def _restore_quantization(model, folder: Path) -> None:
+    """Quantized models written by `s2d quantize` carry a `quantization` block in config.json and their integer
+    weights in quantization.safetensors; s2d.quant.io swaps the QuantLinears back in (late import)."""
     if "quantization" in json.loads((folder / "config.json").read_text()):
         from s2d.quant.io import restore
 
         restore(model, folder)
-    return model, _load_tokenizer(folder)
 
 
 def _load_tokenizer(folder: Path):

@@ -195,11 +195,22 @@ def compress(model: nn.Module, config: LowRankConfig, filter: Filter | None = No
 
         batch, tokens = _batch(config, calib, tokenizer)
         plan, info = surgical_search(model, desc, config, targets_of(desc, filter), batch, tokenizer, progress)
+        _describe_in_config(model, config)
         return _report(model_parameters(model), plan, config, t0, tokens, info)
     plan = plan_for(model, desc, config, filter)
     batch, tokens = _batch(config, calib, tokenizer) if plan.ranks else (None, 0)
     decompose_blocks(desc, plan.ranks, config, batch, progress=progress)
+    _describe_in_config(model, config)
     return _report(model_parameters(model), plan, config, t0, tokens)
+
+
+def _describe_in_config(model: nn.Module, config: LowRankConfig) -> None:
+    """Record the factorized layers in the model's own config, so that any save_pretrained of it (a quantized
+    copy, a fine-tune) writes the `low_rank` block that s2d.load_model needs to rebuild them."""
+    from s2d.lowrank.io import factorized_layers, low_rank_block
+
+    if getattr(model, "config", None) is not None and factorized_layers(model):
+        model.config.low_rank = low_rank_block(model, config.method)
 
 
 def compress_folder(folder: str | Path, config: LowRankConfig, out: str | Path, filter: Filter | None = None,

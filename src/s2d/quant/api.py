@@ -14,13 +14,14 @@ from torch import nn
 
 from s2d.arch import describe
 from s2d.arch.runner import model_inputs
+from s2d.errors import S2DError
 from s2d.quant.calib import CalibBatch, iter_chunks, require_calib
 from s2d.quant.config import QuantConfig
 from s2d.quant.gptq import gptq_model
 from s2d.quant.linear import FakeQuantLinear, QuantLinear
 from s2d.quant.rotate import check_rotatable, rotate_model
 from s2d.quant.smooth import smooth_model
-from s2d.quant.swap import swap_linears
+from s2d.quant.swap import composite_targets, leaf_filter, swap_linears
 
 Filter = Callable[[nn.Module, str], bool]
 
@@ -51,7 +52,7 @@ def convert(model: nn.Module, config: QuantConfig, filter: Filter | None = None,
     """Swap the targeted Linears for QuantLinears (RTN or GPTQ weights) and calibrate static activation scales."""
     _check_inputs(model, config, calib)
     desc = describe(model)
-    target = filter or desc.is_target
+    target = leaf_filter(model, filter or desc.is_target)
     w_spec, a_spec, static = config.weight_spec(), config.act_spec(), config.a_static
     if config.method == "gptq":
         def make(linear, q, scale, zero):
@@ -138,3 +139,9 @@ def _check_inputs(model: nn.Module, config: QuantConfig, calib: CalibBatch | Non
         require_calib(calib, "SmoothQuant (to measure activation ranges)")
     if config.rotate:
         check_rotatable(model)
+    if config.rotate or config.smooth_alpha is not None:
+        low_rank = composite_targets(model, describe(model).is_target)
+        if low_rank:
+            raise S2DError(f"rotation and SmoothQuant rewrite dense weights, but {low_rank[0]} (and "
+                           f"{len(low_rank) - 1} more) is a low-rank pair: quantize a low-rank model with RTN or "
+                           "GPTQ alone, or apply the baseline before compressing")

@@ -125,17 +125,21 @@ def gptq_model(model: nn.Module, calib, w_spec: QuantSpec, make: Callable[[nn.Li
     target = filter or desc.is_target
     cached = [capture_block_inputs(desc, chunk) for chunk in iter_chunks(calib, chunk_size)]
     hidden = [c.hidden for c in cached]
+    names = {id(m): n for n, m in model.named_modules()}
     for i, block in enumerate(tqdm(desc.blocks, desc="GPTQ blocks", disable=not progress)):
-        targets = [lin for lin in block.linears if target(lin.module, lin.name)]
+        # every nn.Linear of the block the filter accepts, including the two inside a low-rank pair
+        targets = [(names[id(m)], m) for m in block.module.modules()
+                   if isinstance(m, nn.Linear) and target(m, names[id(m)])]
         accs = _collect_hessians(desc, i, targets, hidden, cached)
-        for lin in targets:
-            q, scale, zero = gptq_quantize_weight(lin.module.weight, accs[lin.name].hessian(), w_spec, block_size,
+        for name, module in targets:
+            q, scale, zero = gptq_quantize_weight(module.weight, accs[name].hessian(), w_spec, block_size,
                                                   damp, act_order)
-            set_module(model, lin.name, make(lin.module, q, scale, zero))
+            set_module(model, name, make(module, q, scale, zero))
         hidden = [run_block(desc, i, h, c.calls[i]) for h, c in zip(hidden, cached, strict=True)]
 
 
-def _collect_hessians(desc, index, targets, hidden, cached) -> dict[str, HessianAccumulator]:
+def _collect_hessians(desc, index, targets: list[tuple[str, nn.Linear]], hidden,
+                      cached) -> dict[str, HessianAccumulator]:
     """One pass of block `index` over every chunk, accumulating each target's input Hessian.
 
     Linears fed the very same tensor (q/k/v, gate/up) share one accumulator: it is recognised by identity,
@@ -144,19 +148,19 @@ def _collect_hessians(desc, index, targets, hidden, cached) -> dict[str, Hessian
     accs: dict[str, HessianAccumulator] = {}
     seen: list[tuple[torch.Tensor, nn.Module | None, HessianAccumulator]] = []
 
-    def hook(lin):
+    def hook(name):
         def fn(module, args):
             x, rotation = args[0], getattr(module, "rotation", None)
             for prev, prev_rotation, acc in seen:
                 if prev is x and prev_rotation is rotation:
-                    accs.setdefault(lin.name, acc)
+                    accs.setdefault(name, acc)
                     return
-            acc = accs.setdefault(lin.name, HessianAccumulator(lin.module.in_features))
+            acc = accs.setdefault(name, HessianAccumulator(module.in_features))
             acc.add(_input_of(module, x))
             seen.append((x, rotation, acc))
         return fn
 
-    handles = [lin.module.register_forward_pre_hook(hook(lin)) for lin in targets]
+    handles = [module.register_forward_pre_hook(hook(name)) for name, module in targets]
     try:
         for h, c in zip(hidden, cached, strict=True):
             seen.clear()

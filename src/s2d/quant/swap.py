@@ -25,3 +25,22 @@ def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     """Put `module` at the qualified `name` in `model`."""
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def leaf_filter(model: nn.Module, target: Callable[[nn.Module, str], bool]) -> Callable[[nn.Module, str], bool]:
+    """`target`, extended to the nn.Linears inside any target that is not an nn.Linear itself.
+
+    A low-rank layer (two Linears standing in for one) is a target under the original Linear's name; its
+    weights are the Linears inside it, and each of them is quantized, inputs included.
+    """
+    composite = tuple(f"{name}." for name, m in model.named_modules()
+                      if name and not isinstance(m, nn.Linear) and target(m, name))
+
+    def accepts(module: nn.Module, name: str) -> bool:
+        return target(module, name) or (isinstance(module, nn.Linear) and name.startswith(composite))
+    return accepts
+
+
+def composite_targets(model: nn.Module, target: Callable[[nn.Module, str], bool]) -> list[str]:
+    """Names of the targets that are not plain nn.Linears (weights-rewriting baselines cannot handle them)."""
+    return [name for name, m in model.named_modules() if name and not isinstance(m, nn.Linear) and target(m, name)]
