@@ -4,7 +4,10 @@ Each cell is one `s2d compress` command with its own run folder under --root; a 
 exists is skipped, so the script resumes after an interruption. At the end (or with --table) it prints the
 Markdown table of wiki test perplexity and zero-shot accuracy read from the cells' metrics.json.
 
-Usage: python bench/lowrank_grid.py [--root runs/lowrank-grid] [--table] [--only CELL ...]
+The 80% cells keep their model, and `--quant` then runs `s2d quantize --sweep` (W8A8 / W6A6 / W4A4 with RTN
+and GPTQ) on each of them: does a low-rank model quantize better or worse than the dense one?
+
+Usage: python bench/lowrank_grid.py [--root runs/lowrank-grid] [--table] [--only CELL ...] [--quant]
 """
 
 from __future__ import annotations
@@ -31,9 +34,32 @@ def cells() -> dict[str, list[str]]:
     return out
 
 
+QUANTIZED = ("dense", "svd-0.8", "asvd-0.8", "rom-0.8")  # cells whose model is kept and then quantized
+
+
 def command(name: str, args: list[str], root: Path) -> list[str]:
-    return ["s2d", "compress", "smollm2-135m", *args, "--eval", TASKS, "--ppl-tokens", "16384", "--no-model", "--out",
+    keep = [] if name in QUANTIZED else ["--no-model"]
+    return ["s2d", "compress", "smollm2-135m", *args, "--eval", TASKS, "--ppl-tokens", "16384", *keep, "--out",
             str(root / name)]
+
+
+def quant_command(name: str, root: Path) -> list[str]:
+    return ["s2d", "quantize", str(root / name / "model"), "--sweep", "--schemes", "W8A8,W6A6,W4A4", "--methods",
+            "rtn,gptq", "--eval", "ppl:wiki", "--ppl-tokens", "16384", "--out", str(root / f"{name}-quant")]
+
+
+def quant_table(root: Path) -> str:
+    from s2d.report import md_table
+
+    rows = []
+    for name in QUANTIZED:
+        path = root / f"{name}-quant" / "metrics.json"
+        if path.is_file():
+            res = json.loads(path.read_text())["results"]
+            rows.append([name, *[res[k]["eval"]["ppl:wiki@128"]["ppl"] if k in res else None
+                                 for k in ("FP", "W8A8 rtn", "W8A8 gptq", "W6A6 rtn", "W6A6 gptq", "W4A4 rtn",
+                                           "W4A4 gptq")]])
+    return md_table(["model", "FP", "W8A8 RTN", "W8A8 GPTQ", "W6A6 RTN", "W6A6 GPTQ", "W4A4 RTN", "W4A4 GPTQ"], rows)
 
 
 def table(root: Path) -> str:
@@ -60,6 +86,7 @@ def main() -> None:
     ap.add_argument("--root", type=Path, default=Path("runs/lowrank-grid"))
     ap.add_argument("--table", action="store_true", help="only print the table of finished cells")
     ap.add_argument("--only", nargs="*", help="run only these cells")
+    ap.add_argument("--quant", action="store_true", help="then quantize the kept 80%% models and the dense one")
     args = ap.parse_args()
     if not args.table:
         s2d = str(Path(sys.executable).with_name("s2d"))
@@ -73,7 +100,14 @@ def main() -> None:
             tail = (proc.stdout + proc.stderr).strip().splitlines()[-12:]
             print("\n".join(line for line in tail if "\r" not in line and "it/s]" not in line), flush=True)
             print(f"  -> exit {proc.returncode} after {time.perf_counter() - t0:.0f} s", flush=True)
+        for name in QUANTIZED if args.quant else ():
+            if (args.root / name / "model").is_dir() and not (args.root / f"{name}-quant" / "metrics.json").is_file():
+                print(f"[{time.strftime('%H:%M:%S')}] {' '.join(quant_command(name, args.root))}", flush=True)
+                proc = subprocess.run([s2d, *quant_command(name, args.root)[1:]], capture_output=True, text=True)
+                print(f"  -> exit {proc.returncode}; {(proc.stdout + proc.stderr).strip().splitlines()[-1:]}",
+                      flush=True)
     print(table(args.root))
+    print(quant_table(args.root))
 
 
 if __name__ == "__main__":

@@ -197,6 +197,10 @@ def lowrank(r: Results) -> None:
 
         r.quote("python bench/lowrank_grid.py   # one `s2d compress` per cell; --table reprints this table", True)
         r.text(lowrank_grid.table(root), True)
+        if any((root / f"{name}-quant" / "metrics.json").is_file() for name in lowrank_grid.QUANTIZED):
+            r.text("**Compressed, then quantized** (`python bench/lowrank_grid.py --quant`; wiki test ppl@128 on "
+                   "16,384 tokens, per-token activations):")
+            r.text(lowrank_grid.quant_table(root))
     s = r.runs / "lowrank-structure"
     if (s / "metrics.json").is_file():
         r.text("### Structure study")
