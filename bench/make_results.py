@@ -138,6 +138,10 @@ def quantization(r: Results) -> None:
     _sweep(r, r.runs / "quant-table-smollm2", True)
     r.text("### Outlier baselines with RTN weights, and W4A8")
     _sweep(r, r.runs / "quant-sweep-smollm2", False)
+    r.text("### Per-tensor activations, and weight-only W4")
+    r.text("The same sweep with one activation scale per tensor instead of per token (W4A16 quantizes no "
+           "activations, so the granularity does not apply to it).")
+    _sweep(r, r.runs / "quant-pertensor-smollm2", False)
 
 
 def _sweep(r: Results, folder: Path, headline: bool) -> None:
@@ -167,9 +171,24 @@ def _sweep(r: Results, folder: Path, headline: bool) -> None:
         fp_ppl = fmt(results["FP"]["eval"][ppl_task]["ppl"])
         r.text(f"Reading: at W4A4 the best method is {best} (ppl {fmt(w4a4[best])} against FP {fp_ppl}); "
                f"plain RTN gives {fmt(w4a4.get('rtn'))}.", headline)
+    if len(methods) > 1:
+        best = [f"{sch}: {min(ms, key=ms.get)} ({fmt(ms[min(ms, key=ms.get)])})" for sch in schemes
+                if (ms := {m: results[f"{sch} {m}"]["eval"][ppl_task]["ppl"] for m in methods
+                           if f"{sch} {m}" in results})]
+        r.text("Best perplexity per scheme: " + "; ".join(best) + ".", headline)
+    if {"rtn", "gptq"} <= set(methods):
+        pairs = {sch: (results[f"{sch} gptq"]["eval"][ppl_task]["ppl"], results[f"{sch} rtn"]["eval"][ppl_task]["ppl"])
+                 for sch in schemes if f"{sch} gptq" in results and f"{sch} rtn" in results}
+        won = [f"{sch} ({fmt(g)} vs {fmt(t)})" for sch, (g, t) in pairs.items() if g < t]
+        lost = [f"{sch} ({fmt(g)} vs {fmt(t)})" for sch, (g, t) in pairs.items() if g >= t]
+        r.text(f"GPTQ against RTN, same scheme: lower perplexity at {', '.join(won) or 'no scheme'}; not lower at "
+               f"{', '.join(lost) or 'no scheme'}. GPTQ only decides how weights round; where activations are "
+               "quantized to few bits, their error dominates, and only the outlier baselines (rotation above all) "
+               "reduce it.", headline)
     seconds = {k: v["seconds"] for k, v in results.items() if "seconds" in v}
     if seconds:
-        r.text("Quantization time per cell (s, including calibration passes): "
+        r.text("Quantization time per cell (wall s, including calibration passes, on cores shared with whatever "
+               "else ran; the dedicated GPTQ timing is under Speed): "
                + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()) + ".")
     if (folder / "figures" / "grid.png").is_file():
         r.figure(folder / "figures" / "grid.png", f"{folder.name}-grid.png", "SmolLM2 perplexity by scheme and "
