@@ -166,7 +166,7 @@ def _sweep(r: Results, folder: Path, headline: bool) -> None:
         r.text(md_table(["scheme", *methods], rows), headline and i == 0)
     ppl_task = next(t for t in results["FP"]["eval"] if t.startswith("ppl"))
     w4a4 = {meth: results[f"W4A4 {meth}"]["eval"][ppl_task]["ppl"] for meth in methods if f"W4A4 {meth}" in results}
-    if w4a4:
+    if len(w4a4) > 1:
         best = min(w4a4, key=w4a4.get)
         fp_ppl = fmt(results["FP"]["eval"][ppl_task]["ppl"])
         r.text(f"Reading: at W4A4 the best method is {best} (ppl {fmt(w4a4[best])} against FP {fp_ppl}); "
