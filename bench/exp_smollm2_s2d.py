@@ -128,6 +128,39 @@ def table(root: Path) -> str:
     return md_table(q_head, quality) + "\n\n" + md_table(o_head, outliers)
 
 
+def reading(root: Path) -> list[str]:
+    """Each fine-tuned arm against plain AdamW: FP cost, W4A4 change, and what happened to the outliers."""
+    from s2d.report.markdown import fmt
+
+    arms = finished(root)
+    base = next((f for n, f in arms.items() if n.startswith("adamw")), None)
+    start = next((f for n, f in arms.items() if n.startswith("start")), None)
+    if base is None or start is None:
+        return []
+
+    def ppl(folder, cell):
+        return _load(folder, "quant")["results"][cell]["eval"]["ppl:wiki@128"]["ppl"]
+
+    def peak(folder):
+        return _load(folder, "diagnose")["severity"]["max_abs"]
+
+    lines = [f"AdamW alone: FP ppl {fmt(ppl(start, 'FP'))} → {fmt(ppl(base, 'FP'))}, W4A4 RTN "
+             f"{fmt(ppl(start, 'W4A4 rtn'))} → {fmt(ppl(base, 'W4A4 rtn'))}, residual max |x| "
+             f"{fmt(peak(start))} → {fmt(peak(base))}."]
+    for name, folder in arms.items():
+        if folder in (base, start):
+            continue
+        parts = [f"FP ppl {fmt(ppl(folder, 'FP'))} vs {fmt(ppl(base, 'FP'))}"]
+        for cell, label in (("W4A4 rtn", "W4A4 RTN"), ("W4A4 rotate+rtn", "W4A4 rotation"),
+                            ("W6A6 rtn", "W6A6 RTN")):
+            parts.append(f"{label} {fmt(ppl(folder, cell))} vs {fmt(ppl(base, cell))} "
+                         f"({ppl(folder, cell) / ppl(base, cell) - 1:+.0%})")
+        change = peak(folder) / peak(base) - 1
+        parts.append(f"residual max |x| {fmt(peak(folder))} vs {fmt(peak(base))} ({change:+.0%})")
+        lines.append(f"{name} against AdamW: " + "; ".join(parts) + ".")
+    return lines
+
+
 def figures(root: Path, out: Path) -> list[tuple[str, str]]:
     """Per-block max|x| by arm, σ over training steps, and the W4A4 gap; returns (file, caption)."""
     import matplotlib
@@ -190,6 +223,7 @@ def main() -> None:
                 raise SystemExit(f"unknown arm {name!r}; known: start, {', '.join(ARMS)}")
             arm(name, args, args.root)
     print(table(args.root))
+    print("\n".join(reading(args.root)))
     if args.figures:
         for file, caption in figures(args.root, args.figures):
             print(f"wrote {args.figures / file}: {caption}")

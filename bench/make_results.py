@@ -280,6 +280,7 @@ def experiments(r: Results) -> None:
     r.quote("python bench/exp_smollm2_s2d.py   # --table reprints the tables, --figures DIR redraws the figures",
             True)
     r.text(exp_smollm2_s2d.table(root), True)
+    r.text("\n".join(f"- {line}" for line in exp_smollm2_s2d.reading(root)), True)
     r.text("For reference, **the paper's figures (theirs, not measured here)**: SigLIP2-B on ImageNet-1k top-1, "
            "AdamW vs AdamW+S2D, quoted from SPEC §2:")
     r.text(md_table(["setting (paper)", "AdamW", "AdamW+S2D"], PAPER_S2D))
