@@ -279,6 +279,11 @@ def experiments(r: Results) -> None:
     r.text("## Experiment 1 in miniature: S2D on SmolLM2", True)
     r.quote("python bench/exp_smollm2_s2d.py   # --table reprints the tables, --figures DIR redraws the figures",
             True)
+    done = exp_smollm2_s2d.finished(root)
+    r.text("Every arm: 100 steps of AdamW at lr 5e-5, batch 2×256 wiki-train tokens, seed 0; quantized cells "
+           "score wiki-test ppl@128 on 8,192 tokens (per-token activations unless marked). Arm options: "
+           + "; ".join(f"`{n}`: `{' '.join(exp_smollm2_s2d.ARMS[a])}`" for n in done
+                       if (a := n.rsplit("-s", 1)[0]) in exp_smollm2_s2d.ARMS) + ".", True)
     r.text(exp_smollm2_s2d.table(root), True)
     r.text("\n".join(f"- {line}" for line in exp_smollm2_s2d.reading(root)), True)
     r.text("For reference, **the paper's figures (theirs, not measured here)**: SigLIP2-B on ImageNet-1k top-1, "
