@@ -84,8 +84,8 @@ def _load(folder: Path, stage: str) -> dict | None:
 
 def finished(root: Path) -> dict[str, Path]:
     """Arm folders with every stage measured, the starting model first."""
-    done = {p.name: p for p in sorted(root.iterdir()) if all(_load(p, s) for s in ("quant", "quant-pt", "eval",
-                                                                                   "diagnose"))}
+    done = {p.name: p for p in sorted(root.iterdir())
+            if all((p / s / "metrics.json").is_file() for s in ("quant", "quant-pt", "eval", "diagnose"))}
     return dict(sorted(done.items(), key=lambda kv: not kv[0].startswith("start")))
 
 

@@ -165,20 +165,18 @@ def _sweep(r: Results, folder: Path, headline: bool) -> None:
                        for meth in methods]] for s in schemes]
         r.text(md_table(["scheme", *methods], rows), headline and i == 0)
     ppl_task = next(t for t in results["FP"]["eval"] if t.startswith("ppl"))
-    w4a4 = {meth: results[f"W4A4 {meth}"]["eval"][ppl_task]["ppl"] for meth in methods if f"W4A4 {meth}" in results}
+    ppl = {cell: v["eval"][ppl_task]["ppl"] for cell, v in results.items()}  # "W4A4 rtn" -> perplexity
+    by_scheme = {sch: {m: ppl[f"{sch} {m}"] for m in methods if f"{sch} {m}" in ppl} for sch in schemes}
+    w4a4 = by_scheme.get("W4A4", {})
     if len(w4a4) > 1:
         best = min(w4a4, key=w4a4.get)
-        fp_ppl = fmt(results["FP"]["eval"][ppl_task]["ppl"])
-        r.text(f"Reading: at W4A4 the best method is {best} (ppl {fmt(w4a4[best])} against FP {fp_ppl}); "
+        r.text(f"Reading: at W4A4 the best method is {best} (ppl {fmt(w4a4[best])} against FP {fmt(ppl['FP'])}); "
                f"plain RTN gives {fmt(w4a4.get('rtn'))}.", headline)
     if len(methods) > 1:
-        best = [f"{sch}: {min(ms, key=ms.get)} ({fmt(ms[min(ms, key=ms.get)])})" for sch in schemes
-                if (ms := {m: results[f"{sch} {m}"]["eval"][ppl_task]["ppl"] for m in methods
-                           if f"{sch} {m}" in results})]
+        best = [f"{sch}: {(b := min(ms, key=ms.get))} ({fmt(ms[b])})" for sch, ms in by_scheme.items() if ms]
         r.text("Best perplexity per scheme: " + "; ".join(best) + ".", headline)
     if {"rtn", "gptq"} <= set(methods):
-        pairs = {sch: (results[f"{sch} gptq"]["eval"][ppl_task]["ppl"], results[f"{sch} rtn"]["eval"][ppl_task]["ppl"])
-                 for sch in schemes if f"{sch} gptq" in results and f"{sch} rtn" in results}
+        pairs = {sch: (ms["gptq"], ms["rtn"]) for sch, ms in by_scheme.items() if {"gptq", "rtn"} <= set(ms)}
         won = [f"{sch} ({fmt(g)} vs {fmt(t)})" for sch, (g, t) in pairs.items() if g < t]
         lost = [f"{sch} ({fmt(g)} vs {fmt(t)})" for sch, (g, t) in pairs.items() if g >= t]
         r.text(f"GPTQ against RTN, same scheme: lower perplexity at {', '.join(won) or 'no scheme'}; not lower at "
@@ -274,12 +272,12 @@ def experiments(r: Results) -> None:
         return
     import exp_smollm2_s2d
 
-    if not exp_smollm2_s2d.finished(root):
+    done = exp_smollm2_s2d.finished(root)
+    if not done:
         return
     r.text("## Experiment 1 in miniature: S2D on SmolLM2", True)
     r.quote("python bench/exp_smollm2_s2d.py   # --table reprints the tables, --figures DIR redraws the figures",
             True)
-    done = exp_smollm2_s2d.finished(root)
     r.text("Every arm: 100 steps of AdamW at lr 5e-5, batch 2×256 wiki-train tokens, seed 0; quantized cells "
            "score wiki-test ppl@128 on 8,192 tokens (per-token activations unless marked). Arm options: "
            + "; ".join(f"`{n}`: `{' '.join(exp_smollm2_s2d.ARMS[a])}`" for n in done

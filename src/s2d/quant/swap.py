@@ -33,8 +33,7 @@ def leaf_filter(model: nn.Module, target: Callable[[nn.Module, str], bool]) -> C
     A low-rank layer (two Linears standing in for one) is a target under the original Linear's name; its
     weights are the Linears inside it, and each of them is quantized, inputs included.
     """
-    composite = tuple(f"{name}." for name, m in model.named_modules()
-                      if name and not isinstance(m, nn.Linear) and target(m, name))
+    composite = tuple(f"{name}." for name in composite_targets(model, target))
 
     def accepts(module: nn.Module, name: str) -> bool:
         return target(module, name) or (isinstance(module, nn.Linear) and name.startswith(composite))

@@ -41,6 +41,16 @@ def finetune(model_spec: str, config: TrainConfig, out: str | Path, progress: bo
     return result
 
 
+def _refresh_summary(record: dict) -> dict:
+    """One S2D refresh as the run folder keeps it: the selected layers with their k_target, σ and PCDR (the
+    trajectory of what S2D acts on)."""
+    chosen = {n: rec for n, rec in record["layers"].items() if rec["k_target"]}
+    return {"step": record["step"], "penalty_value": record.get("penalty_value"),
+            "selected": {n: rec["k_target"] for n, rec in chosen.items()},
+            "selected_sigma": {n: rec["sigma"] for n, rec in chosen.items()},
+            "selected_pcdr": {n: rec.get("pcdr") for n, rec in chosen.items()}}
+
+
 def _write(run: RunFolder, model, tokenizer, config: TrainConfig, result: TrainResult, model_spec: str) -> None:
     figures = {
         "loss": plot_curve(result.history, "loss", run.figure_path("loss.png"), "task loss"),
@@ -53,14 +63,7 @@ def _write(run: RunFolder, model, tokenizer, config: TrainConfig, result: TrainR
                "qat": config.qat,
                "steps": result.steps, "seconds": result.seconds, "resumed_from": result.resumed_from,
                "history": result.history, "evals": result.evals,
-               "refreshes": [{"step": r["step"], "penalty_value": r.get("penalty_value"),
-                              "selected": {n: rec["k_target"] for n, rec in r["layers"].items() if rec["k_target"]},
-                              # σ and PCDR of the selected layers: the trajectory of what S2D acts on
-                              "selected_sigma": {n: rec["sigma"] for n, rec in r["layers"].items()
-                                                 if rec.get("k_target")},
-                              "selected_pcdr": {n: rec.get("pcdr") for n, rec in r["layers"].items()
-                                                if rec.get("k_target")}}
-                             for r in result.reg_log]}
+               "refreshes": [_refresh_summary(r) for r in result.reg_log]}
     run.write_metrics(metrics)
     if config.qat:
         import copy
