@@ -4,10 +4,10 @@ Each cell is one `s2d compress` command with its own run folder under --root; a 
 exists is skipped, so the script resumes after an interruption. At the end (or with --table) it prints the
 Markdown table of wiki test perplexity and zero-shot accuracy read from the cells' metrics.json.
 
-The 80% cells keep their model, and `--quant` then runs `s2d quantize --sweep` (W8A8 / W6A6 / W4A4 with RTN
+The 80% cells keep their model, and `--quant` then runs `s2d quantize --sweep` (W6A6 / W4A4 with RTN
 and GPTQ) on each of them: does a low-rank model quantize better or worse than the dense one?
 
-Usage: python bench/lowrank_grid.py [--root runs/lowrank-grid] [--table] [--only CELL ...] [--quant]
+Usage: python bench/lowrank_grid.py [--root runs/lowrank-grid] [--table] [--only CELL ...] [--limit 500] [--quant]
 """
 
 from __future__ import annotations
@@ -37,14 +37,14 @@ def cells() -> dict[str, list[str]]:
 QUANTIZED = ("dense", "svd-0.8", "asvd-0.8", "rom-0.8")  # cells whose model is kept and then quantized
 
 
-def command(name: str, args: list[str], root: Path) -> list[str]:
+def command(name: str, args: list[str], root: Path, limit: int) -> list[str]:
     keep = [] if name in QUANTIZED else ["--no-model"]
-    return ["s2d", "compress", "smollm2-135m", *args, "--eval", TASKS, "--ppl-tokens", "16384", *keep, "--out",
-            str(root / name)]
+    return ["s2d", "compress", "smollm2-135m", *args, "--eval", TASKS, "--ppl-tokens", "16384", "--limit",
+            str(limit), *keep, "--out", str(root / name)]
 
 
 def quant_command(name: str, root: Path) -> list[str]:
-    return ["s2d", "quantize", str(root / name / "model"), "--sweep", "--schemes", "W8A8,W6A6,W4A4", "--methods",
+    return ["s2d", "quantize", str(root / name / "model"), "--sweep", "--schemes", "W6A6,W4A4", "--methods",
             "rtn,gptq", "--eval", "ppl:wiki", "--ppl-tokens", "16384", "--out", str(root / f"{name}-quant")]
 
 
@@ -57,9 +57,8 @@ def quant_table(root: Path) -> str:
         if path.is_file():
             res = json.loads(path.read_text())["results"]
             rows.append([name, *[res[k]["eval"]["ppl:wiki@128"]["ppl"] if k in res else None
-                                 for k in ("FP", "W8A8 rtn", "W8A8 gptq", "W6A6 rtn", "W6A6 gptq", "W4A4 rtn",
-                                           "W4A4 gptq")]])
-    return md_table(["model", "FP", "W8A8 RTN", "W8A8 GPTQ", "W6A6 RTN", "W6A6 GPTQ", "W4A4 RTN", "W4A4 GPTQ"], rows)
+                                 for k in ("FP", "W6A6 rtn", "W6A6 gptq", "W4A4 rtn", "W4A4 gptq")]])
+    return md_table(["model", "FP", "W6A6 RTN", "W6A6 GPTQ", "W4A4 RTN", "W4A4 GPTQ"], rows)
 
 
 def table(root: Path) -> str:
@@ -86,6 +85,7 @@ def main() -> None:
     ap.add_argument("--root", type=Path, default=Path("runs/lowrank-grid"))
     ap.add_argument("--table", action="store_true", help="only print the table of finished cells")
     ap.add_argument("--only", nargs="*", help="run only these cells")
+    ap.add_argument("--limit", type=int, default=500, help="at most N examples per zero-shot task (default 500)")
     ap.add_argument("--quant", action="store_true", help="then quantize the kept 80%% models and the dense one")
     args = ap.parse_args()
     if not args.table:
@@ -93,7 +93,7 @@ def main() -> None:
         for name, cell_args in cells().items():
             if (args.only and name not in args.only) or (args.root / name / "metrics.json").is_file():
                 continue
-            cmd = command(name, cell_args, args.root)
+            cmd = command(name, cell_args, args.root, args.limit)
             print(f"[{time.strftime('%H:%M:%S')}] {' '.join(cmd)}", flush=True)
             t0 = time.perf_counter()
             proc = subprocess.run([s2d, *cmd[1:]], capture_output=True, text=True)

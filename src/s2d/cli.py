@@ -77,7 +77,8 @@ def _compress(args: argparse.Namespace) -> None:
     ranks = {k: int(v) for k, v in _parse_options(args.ranks).items()} if args.ranks else None
     config = LowRankConfig(method=args.method, keep=None if ranks and args.keep is None else (args.keep or 0.8),
                            schedule=args.schedule, ranks=ranks, search=args.search, calib=args.calib,
-                           n_samples=args.n_samples, seq_len=args.seq_len, seed=args.seed)
+                           n_samples=args.n_samples, seq_len=args.seq_len, seed=args.seed,
+                           search_task=args.search_task, acc_tolerance=args.acc_tolerance)
     tasks = tuple(t.strip() for t in args.eval.split(",") if t.strip()) if args.eval else ()
     out = args.out or default_run_dir("compress")
     m = run_compress(args.model, config, out, tasks, merge=args.merge, save_model=not args.no_model,
@@ -253,7 +254,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--schedule", choices=["tail", "uniform"], default="tail",
                    help="tail: uniform b over the last N blocks (paper presets); uniform: every block")
     p.add_argument("--ranks", action="append", metavar="ROLE=RANK", help="explicit rank per role, e.g. q=64")
-    p.add_argument("--search", choices=["ppl"], help="surgical rank search (stops at --keep if given)")
+    p.add_argument("--search", choices=["ppl", "task"], help="surgical rank search (stops at --keep if given): "
+                   "ppl on wiki validation, or accuracy on a 20%% search split of --search-task")
+    p.add_argument("--search-task", dest="search_task", default="analogy-mc",
+                   help="task search: the zero-shot task (its report split is what --eval scores)")
+    p.add_argument("--acc-tolerance", dest="acc_tolerance", type=float, default=0.0,
+                   help="task search: accuracy drop allowed per chunk against the dense model")
     p.add_argument("--calib", default="wiki", help="calibration text (wiki: the train split)")
     p.add_argument("--n-samples", dest="n_samples", type=int, default=512)
     p.add_argument("--seq-len", dest="seq_len", type=int, default=128)

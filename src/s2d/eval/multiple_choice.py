@@ -66,19 +66,12 @@ def encode_pair(tokenizer, context: str, continuation: str, prefix_token_id: int
     return context_ids, whole[len(context_ids):]
 
 
-@torch.inference_mode()
-def loglikelihood_tokens(model: nn.Module, requests: Sequence[tuple[list[int], list[int]]], batch_size: int = 16,
-                         max_length: int | None = None, progress: bool = False) -> list[tuple[float, bool]]:
-    """(log P(continuation | context), is_greedy) for token-id requests, lm-eval's `_loglikelihood_tokens`.
+def padded_batches(requests: Sequence[tuple[list[int], list[int]]], batch_size: int, max_length: int):
+    """[(request indices, right-padded input ids, [(input, continuation)] per row)], longest first.
 
-    Inputs longer than `max_length` (default: the model's positions) keep their last tokens, as lm-eval does.
-    Batches are right-padded without a mask: under causal attention, padding after a sequence cannot
-    change the logits of the positions before it.
+    Inputs longer than `max_length` keep their last tokens, as lm-eval does. Batches are right-padded without
+    a mask: under causal attention, padding after a sequence cannot change the logits before it.
     """
-    from tqdm.auto import tqdm
-
-    check_causal_lm(model)
-    max_length = max_length or max_positions(model) or 2048
     prepared = []
     for ctx, cont in requests:
         if not cont:
@@ -87,23 +80,38 @@ def loglikelihood_tokens(model: nn.Module, requests: Sequence[tuple[list[int], l
         prepared.append((inp, list(cont)))
     # Longest first, as lm-eval does, so padding within a batch stays small.
     order = sorted(range(len(prepared)), key=lambda i: -len(prepared[i][0]))
-    device = next(model.parameters()).device
-    results: list[tuple[float, bool] | None] = [None] * len(prepared)
-    for start in tqdm(range(0, len(order), batch_size), desc="loglikelihood", disable=not progress, leave=False):
+    out = []
+    for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
-        width = len(prepared[idx[0]][0])
-        batch = torch.zeros(len(idx), width, dtype=torch.long)
+        batch = torch.zeros(len(idx), len(prepared[idx[0]][0]), dtype=torch.long)
         for row, i in enumerate(idx):
-            inp = prepared[i][0]
-            batch[row, : len(inp)] = torch.tensor(inp)
+            batch[row, : len(prepared[i][0])] = torch.tensor(prepared[i][0])
+        out.append((idx, batch, [prepared[i] for i in idx]))
+    return out
+
+
+def continuation_loglikelihood(logits: torch.Tensor, inp: list[int], cont: list[int]) -> tuple[float, bool]:
+    """(log P(cont | context), is_greedy) from one row of logits over `inp` = (context + cont)[:-1]."""
+    cont_logits = logits[len(inp) - len(cont) : len(inp)].float()
+    target = torch.tensor(cont, device=cont_logits.device)
+    ll = -F.cross_entropy(cont_logits, target, reduction="sum").double()
+    return float(ll), bool((cont_logits.argmax(-1) == target).all())
+
+
+@torch.inference_mode()
+def loglikelihood_tokens(model: nn.Module, requests: Sequence[tuple[list[int], list[int]]], batch_size: int = 16,
+                         max_length: int | None = None, progress: bool = False) -> list[tuple[float, bool]]:
+    """(log P(continuation | context), is_greedy) for token-id requests, lm-eval's `_loglikelihood_tokens`."""
+    from tqdm.auto import tqdm
+
+    check_causal_lm(model)
+    batches = padded_batches(requests, batch_size, max_length or max_positions(model) or 2048)
+    device = next(model.parameters()).device
+    results: list[tuple[float, bool] | None] = [None] * len(requests)
+    for idx, batch, rows in tqdm(batches, desc="loglikelihood", disable=not progress, leave=False):
         logits = model(input_ids=batch.to(device), use_cache=False).logits
-        for row, i in enumerate(idx):
-            inp, cont = prepared[i]
-            cont_logits = logits[row, len(inp) - len(cont) : len(inp)].float()
-            target = torch.tensor(cont, device=cont_logits.device)
-            ll = -F.cross_entropy(cont_logits, target, reduction="sum").double()
-            greedy = bool((cont_logits.argmax(-1) == target).all())
-            results[i] = (float(ll), greedy)
+        for row, (i, (inp, cont)) in enumerate(zip(idx, rows, strict=True)):
+            results[i] = continuation_loglikelihood(logits[row], inp, cont)
     return results  # type: ignore[return-value]
 
 
@@ -116,6 +124,17 @@ def choose(lls: Sequence[float], choices: Sequence[str]) -> tuple[int, int]:
     return max(range(len(lls)), key=lambda i: (lls[i], -i)), max(range(len(norm)), key=lambda i: (norm[i], -i))
 
 
+def mc_requests(tokenizer, examples: Sequence[MCExample]) -> tuple[list, list[tuple[int, int]]]:
+    """The token requests of every option of every example, and each example's (first request, count)."""
+    requests, spans = [], []
+    for ex in examples:
+        if not 0 <= ex.label < len(ex.choices):
+            raise S2DError(f"label {ex.label} is not an index into the {len(ex.choices)} options")
+        spans.append((len(requests), len(ex.choices)))
+        requests += [encode_pair(tokenizer, ex.context, TARGET_DELIMITER + c) for c in ex.choices]
+    return requests, spans
+
+
 def score_multiple_choice(model: nn.Module, tokenizer, examples: Sequence[MCExample], batch_size: int = 16,
                           max_length: int | None = None, progress: bool = True) -> MCResult:
     """acc and acc_norm of a causal LM on multiple-choice examples, zero-shot."""
@@ -123,12 +142,7 @@ def score_multiple_choice(model: nn.Module, tokenizer, examples: Sequence[MCExam
         raise S2DError("no examples to score: the task is empty (is --limit 0?)")
     if tokenizer is None:
         raise S2DError("multiple-choice scoring needs the model's tokenizer")
-    requests, spans = [], []
-    for ex in examples:
-        if not 0 <= ex.label < len(ex.choices):
-            raise S2DError(f"label {ex.label} is not an index into the {len(ex.choices)} options")
-        spans.append((len(requests), len(ex.choices)))
-        requests += [encode_pair(tokenizer, ex.context, TARGET_DELIMITER + c) for c in ex.choices]
+    requests, spans = mc_requests(tokenizer, examples)
     flat = loglikelihood_tokens(model, requests, batch_size=batch_size, max_length=max_length, progress=progress)
     lls, preds, preds_norm = [], [], []
     for ex, (lo, k) in zip(examples, spans, strict=True):

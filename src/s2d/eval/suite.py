@@ -12,7 +12,7 @@ from s2d.config import Config
 from s2d.errors import S2DError
 from s2d.eval.multiple_choice import score_multiple_choice
 from s2d.eval.perplexity import CONVENTIONS, perplexity
-from s2d.eval.tasks import TASKS, build_task
+from s2d.eval.tasks import TASKS, build_task, split_task
 
 PPL_SOURCES = {"ppl:wiki": "test"}  # perplexity task -> wiki split; held-out text only
 DEFAULT_TASKS = ("ppl:wiki", "analogy-mc", "polarity", "wiki-cloze")
@@ -31,6 +31,7 @@ class EvalConfig(Config):
     batch_size: int = 16  # sequences per forward for multiple choice
     ppl_batch_size: int | None = None  # windows per forward; None = about 2k tokens per forward
     seed: int = 0
+    held_out: dict | None = None  # task -> fraction held out as a search split (s2d.eval.tasks.split_task)
 
     def validate(self) -> EvalConfig:
         known = [*PPL_SOURCES, *TASKS]
@@ -81,10 +82,16 @@ def evaluate(model: nn.Module, tokenizer, config: EvalConfig, progress: bool = T
                     "seconds": round(time.perf_counter() - t0, 2),
                     "tokens_per_second": round(r.n_tokens / (time.perf_counter() - t0), 1)}
         else:
-            task = build_task(name, seed=config.seed, limit=config.limit)
+            split = {}
+            if name in (config.held_out or {}):  # split the whole task first, so that the splits stay disjoint
+                task = split_task(build_task(name, seed=config.seed), config.held_out[name])[1]
+                task = dataclasses.replace(task, examples=task.examples[: config.limit])
+                split = {"split": f"report split: {config.held_out[name]:.0%} held out for the rank search"}
+            else:
+                task = build_task(name, seed=config.seed, limit=config.limit)
             r = score_multiple_choice(model, tokenizer, task.examples, batch_size=config.batch_size,
                                       progress=progress)
-            results[name] = {**r.to_dict(), "version": task.version, "chance": _chance(task),
+            results[name] = {**r.to_dict(), "version": task.version, "chance": _chance(task), **split,
                              "seconds": round(time.perf_counter() - t0, 2)}
     return results
 

@@ -153,6 +153,24 @@ def wiki_cloze(seed: int = DEFAULT_SEED, limit: int | None = None) -> Task:
 TASKS: dict[str, Callable[..., Task]] = {"analogy-mc": analogy_mc, "polarity": polarity, "wiki-cloze": wiki_cloze}
 
 
+def split_task(task: Task, fraction: float) -> tuple[Task, Task]:
+    """(search split, report split) of a task: every (1/fraction)-th example searches, the rest report.
+
+    Evenly spaced rather than the first examples, so a task built section by section (analogy-mc) puts every
+    section in both splits. The same (task, fraction) always gives the same disjoint splits.
+    """
+    if not 0 < fraction < 1:
+        raise S2DError(f"the search fraction must be in (0, 1), got {fraction}")
+    n = len(task.examples)
+    picked = {int(k / fraction) for k in range(math.ceil(n * fraction))} & set(range(n))
+    search = tuple(ex for i, ex in enumerate(task.examples) if i in picked)
+    report = tuple(ex for i, ex in enumerate(task.examples) if i not in picked)
+    if not search or not report:
+        raise S2DError(f"{task.name} has {n} examples, too few to split {fraction:.0%} off for a search")
+    return (Task(task.name, task.version, f"{task.description}; search split ({len(search)})", search),
+            Task(task.name, task.version, f"{task.description}; report split ({len(report)})", report))
+
+
 def build_task(name: str, seed: int = DEFAULT_SEED, limit: int | None = None) -> Task:
     """Build a task by name; the same (name, seed, limit) always gives the same examples."""
     if name not in TASKS:

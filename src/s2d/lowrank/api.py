@@ -183,10 +183,11 @@ def _batch(config: LowRankConfig, calib, tokenizer) -> tuple[object, int]:
 
 
 def compress(model: nn.Module, config: LowRankConfig, filter: Filter | None = None, calib=None,
-             tokenizer=None, progress: bool = True) -> CompressionReport:
+             tokenizer=None, progress: bool = True, probe=None) -> CompressionReport:
     """Compress `model` in place: the Linears `filter(module, name)` selects (default: every block Linear)
     become FactorizedLinears. `calib` is a batch of token ids; without it, wiki train is drawn with
-    `tokenizer`. With `config.search`, ranks come from the surgical search instead of the budget."""
+    `tokenizer`. With `config.search`, ranks come from the surgical search instead of the budget; the task
+    search scores `probe` (s2d.eval.search_probe.TaskProbe, built on the dense model before this call)."""
     config.validate()
     t0 = time.perf_counter()
     desc = describe(model)
@@ -194,7 +195,8 @@ def compress(model: nn.Module, config: LowRankConfig, filter: Filter | None = No
         from s2d.lowrank.search import surgical_search
 
         batch, tokens = _batch(config, calib, tokenizer)
-        plan, info = surgical_search(model, desc, config, targets_of(desc, filter), batch, tokenizer, progress)
+        plan, info = surgical_search(model, desc, config, targets_of(desc, filter), batch, tokenizer, progress,
+                                     probe)
         _describe_in_config(model, config)
         return _report(model_parameters(model), plan, config, t0, tokens, info)
     plan = plan_for(model, desc, config, filter)

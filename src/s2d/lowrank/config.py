@@ -9,7 +9,7 @@ from s2d.errors import S2DError
 
 METHODS = ("svd", "asvd", "rom")
 SCHEDULES = ("tail", "uniform")
-SEARCHES = ("ppl",)
+SEARCHES = ("ppl", "task")
 
 
 @dataclass
@@ -20,9 +20,13 @@ class LowRankConfig(Config):
     keep: float | None = 0.8  # fraction of the whole model's parameters kept; None with `ranks`
     schedule: str = "tail"  # tail: uniform b over the last N blocks (the paper's presets); uniform: every block
     ranks: dict | None = None  # explicit ranks by role, e.g. {"q": 64, "down": 128}; overrides keep
-    search: str | None = None  # "ppl": surgical rank search (SFSD) instead of a budget preset
-    tolerance: float = 1.005  # search: accept if ppl <= ppl_ref * tolerance ** (layers processed)
-    search_samples: int = 16  # search split: windows of seq_len tokens from wiki validation
+    search: str | None = None  # "ppl" or "task": surgical rank search (SFSD) instead of a budget preset
+    tolerance: float = 1.005  # ppl search: accept if ppl <= ppl_ref * tolerance ** (layers processed)
+    search_samples: int = 16  # ppl search split: windows of seq_len tokens from wiki validation
+    search_task: str = "analogy-mc"  # task search: the zero-shot task whose search split is scored
+    search_fraction: float = 0.2  # task search: fraction of the task held out as the search split
+    search_chunks: int = 3  # task search: the split is cut in chunks; a rank must pass on every chunk
+    acc_tolerance: float = 0.0  # task search: accept if chunk accuracy >= the dense model's - acc_tolerance
     calib: str = "wiki"  # calibration text: wiki train
     n_samples: int = 512
     seq_len: int = 128
@@ -37,8 +41,7 @@ class LowRankConfig(Config):
         if self.schedule not in SCHEDULES:
             raise S2DError(f"schedule must be one of {', '.join(SCHEDULES)} (got {self.schedule!r})")
         if self.search is not None and self.search not in SEARCHES:
-            raise S2DError(f"search must be one of {', '.join(SEARCHES)} or None (got {self.search!r}); the task "
-                           "variant needs s2d.eval's zero-shot tasks")
+            raise S2DError(f"search must be one of {', '.join(SEARCHES)} or None (got {self.search!r})")
         if self.ranks is None and self.keep is None and self.search is None:
             raise S2DError("give a keep fraction, explicit ranks by role, or a search")
         if self.keep is not None and (isinstance(self.keep, bool) or not 0 < self.keep <= 1):
@@ -47,6 +50,8 @@ class LowRankConfig(Config):
             raise S2DError(f"ranks must map roles to ranks, e.g. {{'q': 64}} (got {self.ranks!r})")
         if self.n_samples < 1 or self.seq_len < 1 or self.chunk_size < 1 or self.search_samples < 1:
             raise S2DError("n_samples, seq_len, chunk_size and search_samples must be ≥ 1")
+        if not 0 < self.search_fraction < 1 or self.search_chunks < 1 or self.acc_tolerance < 0:
+            raise S2DError("search_fraction must be in (0, 1), search_chunks ≥ 1 and acc_tolerance ≥ 0")
         if self.tolerance < 1:
             raise S2DError(f"tolerance must be ≥ 1 (got {self.tolerance})")
         if self.damp < 0:

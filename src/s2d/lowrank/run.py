@@ -64,15 +64,21 @@ def run_compress(model_spec: str, config: LowRankConfig, out: str | Path, eval_t
             model, tokenizer = load_model(model_dir)
     else:
         model, tokenizer = load_model(model_spec)
-        report = compress(model, config, tokenizer=tokenizer)
+        probe = None
+        if config.search == "task":
+            from s2d.eval.search_probe import TaskProbe
+
+            probe = TaskProbe(model, tokenizer, config)
+        report = compress(model, config, tokenizer=tokenizer, probe=probe)
         if save_model:
             save(model, model_dir, tokenizer, method=config.method, merge=merge)
     results = {}
     if eval_tasks:
         from s2d.eval.suite import EvalConfig, evaluate
 
+        held_out = {config.search_task: config.search_fraction} if config.search == "task" else None
         results = evaluate(model, tokenizer, EvalConfig(tasks=tuple(eval_tasks), limit=eval_limit, seed=config.seed,
-                                                        ppl_tokens=ppl_tokens))
+                                                        ppl_tokens=ppl_tokens, held_out=held_out))
     compression = report.to_dict()
     trials = (compression.get("search") or {}).pop("trials", None)
     if trials is not None:
@@ -107,12 +113,20 @@ def report_markdown(model_spec: str, report: CompressionReport, results: dict) -
             ("blocks decomposed", s["blocks_decomposed"]),
             ("calibration tokens", report.calibration_tokens), ("seconds", round(report.seconds, 1)),
             ("peak RSS (MiB)", round(report.peak_rss_mb))]
+    if report.search and report.search["variant"] == "ppl":
+        rows.append(("search ppl (ref → final)", f"{report.search['ppl_ref']:.3f} → {report.search['ppl_final']:.3f}"))
+    elif report.search:
+        rows.append((f"search {report.search['task']} acc per chunk (ref → final)",
+                     f"{_accs(report.search['acc_ref'])} → {_accs(report.search['acc_final'])}"))
     if report.search:
-        rows += [("search ppl (ref → final)", f"{report.search['ppl_ref']:.3f} → {report.search['ppl_final']:.3f}"),
-                 ("search layers processed", report.search["layers_processed"])]
+        rows.append(("search layers processed", report.search["layers_processed"]))
     parts = [f"# Low-rank compression of {model_spec}\n", f"Command: `{command}`\n",
              md_table(["", "value"], rows), "![ranks](figures/ranks.png)\n"]
     if results:
         ev = [(k, v.get("ppl", v.get("acc")), v.get("acc_norm", "")) for k, v in results.items()]
         parts += ["## Evaluation\n", md_table(["task", "ppl or acc", "acc_norm"], ev)]
     return "\n".join(parts)
+
+
+def _accs(values: list[float]) -> str:
+    return " / ".join(f"{v:.3f}" for v in values)

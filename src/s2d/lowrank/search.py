@@ -1,17 +1,23 @@
-"""Surgical rank search (SFSD), perplexity variant.
+"""Surgical rank search (SFSD): the smallest rank per Linear whose search metric stays within tolerance.
 
 Linears are visited from the last block to the first (q, k, v, o, gate, up, down within a block). For each,
-candidate ranks [1, 0.1κ … 0.9κ] are tried in ascending order and the smallest with search perplexity
-≤ ppl_ref · tolerance^(layers processed) is kept; if none passes the layer stays dense. With a keep target the
-walk stops once the model is that small. Factors (eigenvectors and means for rom) are computed once on the
-dense model and cut at every candidate rank. Because the walk runs backwards, blocks before the current one
-are still dense, so each trial re-runs only the blocks from the current one on (their inputs are cached).
+candidate ranks [1, 0.1κ … 0.9κ] are tried in ascending order. A probe measures the model on a search split
+cut into chunks; the layer keeps the smallest rank at which every chunk has passed (for one chunk: the first
+rank that passes; for several: the max over chunks of each chunk's first passing rank, SFSD's task rule).
+If no candidate passes, the layer stays dense. With a keep target the walk stops once the model is that small.
+
+Two probes: perplexity on wiki validation windows (here; accept if ppl ≤ ppl_ref · tolerance^(layers
+processed)) and zero-shot task accuracy (`s2d.eval.search_probe.TaskProbe`, passed in by the caller because
+lowrank does not depend on eval). Factors (eigenvectors and means for rom) are computed once on the dense
+model and cut at every candidate rank. Because the walk runs backwards, blocks before the current one are
+still dense, so each trial re-runs only the blocks from the current one on (their inputs are cached).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from typing import Protocol
 
 import torch
 from tqdm.auto import tqdm
@@ -25,10 +31,30 @@ from s2d.lowrank.runner import forward_from, returns_tuple
 log = logging.getLogger(__name__)
 
 
+class Probe(Protocol):
+    """What the walk asks of a search metric. `trial` measures the current model, re-running blocks ≥ block."""
+
+    def reference(self) -> dict: ...
+
+    def trial(self, block: int, processed: int) -> tuple[list[bool], dict]: ...
+
+    def final(self, record: dict | None, reference: dict) -> dict: ...
+
+
 def candidate_ranks(layer: Layer) -> list[int]:
     """[1, ⌊0.1κ⌋ … ⌊0.9κ⌋], ascending, without repeats, only ranks that save parameters."""
     ranks = sorted({1, *(math.floor(c / 10 * layer.kappa) for c in range(1, 10))})
     return [r for r in ranks if r >= 1 and layer.saves(r)]
+
+
+def cached_block_inputs(desc: ModelDescription, batch) -> tuple[list[torch.Tensor], bool]:
+    """The input of every block for `batch` on the current (dense) model, and whether blocks return tuples."""
+    captured = capture_block_inputs(desc, batch)
+    inputs = [captured.hidden]
+    with torch.no_grad():
+        for i in range(len(desc.blocks) - 1):
+            inputs.append(run_block(desc, i, inputs[-1], captured.calls[i]))
+    return inputs, returns_tuple(desc, 0, captured.hidden, captured.calls[0])
 
 
 def search_windows(tokenizer, config: LowRankConfig) -> torch.Tensor:
@@ -44,51 +70,71 @@ def search_windows(tokenizer, config: LowRankConfig) -> torch.Tensor:
     return ids[:need].view(config.search_samples, config.seq_len)
 
 
+class PplProbe:
+    """Perplexity on wiki validation windows; one chunk; the limit tightens by `tolerance` per layer."""
+
+    def __init__(self, desc: ModelDescription, config: LowRankConfig, tokenizer):
+        self.desc, self.tolerance = desc, config.tolerance
+        self.windows = search_windows(tokenizer, config)
+        self.inputs, self.tuple_out = cached_block_inputs(desc, self.windows)
+        self.ppl_ref = self._ppl(0)
+
+    def _ppl(self, block: int) -> float:
+        out = forward_from(self.desc, block, self.inputs[block], self.windows, self.tuple_out, labels=self.windows)
+        return math.exp(float(out.loss))
+
+    def reference(self) -> dict:
+        return {"variant": "ppl", "split": "wiki validation", "search_tokens": int(self.windows.numel()),
+                "ppl_ref": self.ppl_ref, "tolerance": self.tolerance}
+
+    def trial(self, block: int, processed: int) -> tuple[list[bool], dict]:
+        p, limit = self._ppl(block), self.ppl_ref * self.tolerance**processed
+        return [p <= limit], {"ppl": p, "limit": limit}
+
+    def final(self, record: dict | None, reference: dict) -> dict:
+        return {"ppl_final": record["ppl"] if record else reference["ppl_ref"]}
+
+
 def surgical_search(model, desc: ModelDescription, config: LowRankConfig, targets: list, batch, tokenizer,
-                    progress: bool = True) -> tuple[RankPlan, dict]:
+                    progress: bool = True, probe: Probe | None = None) -> tuple[RankPlan, dict]:
     """Ranks by search; the model is left compressed at them. Returns the plan and the search record."""
     from s2d.lowrank.api import collect_factors
 
     if desc.kind != "causal-lm":
-        raise S2DError(f"the perplexity search needs a causal LM; this is a {desc.kind} model")
-    windows = search_windows(tokenizer, config)
+        raise S2DError(f"the rank search needs a causal LM; this is a {desc.kind} model")
+    if probe is None:
+        if config.search != "ppl":
+            raise S2DError("the task search needs its probe: pass probe=s2d.eval.search_probe.TaskProbe(model, "
+                           "tokenizer, config), or run `s2d compress --search task`")
+        probe = PplProbe(desc, config, tokenizer)
     layers = layers_of(desc.linears(), config.method)
     by_name = {layer.name: layer for layer in layers}
     candidates = {t.name: candidate_ranks(by_name[t.name]) for t in targets}
     candidates = {n: c for n, c in candidates.items() if c}
     factors = collect_factors(desc, {n: max(c) for n, c in candidates.items()}, config, batch, progress)
 
-    captured = capture_block_inputs(desc, windows)
-    inputs = [captured.hidden]
-    for i in range(len(desc.blocks) - 1):
-        inputs.append(run_block(desc, i, inputs[-1], captured.calls[i]))
-    tuple_out = returns_tuple(desc, 0, captured.hidden, captured.calls[0])
-
-    def ppl(block: int) -> float:
-        out = forward_from(desc, block, inputs[block], windows, tuple_out, labels=windows)
-        return math.exp(float(out.loss))
-
     total = model_parameters(model)
     target = math.floor(config.keep * total) if config.keep is not None else None
-    ppl_ref = ppl(0)
+    reference = probe.reference()
     order = [lin for block in reversed(desc.blocks) for lin in block.linears if lin.name in candidates]
-    ranks, trials, current, processed = {}, [], ppl_ref, 0
+    ranks, trials, accepted, processed = {}, [], None, 0
     bar = tqdm(order, desc="search", unit="linear", disable=not progress)
     for lin in bar:
         processed += 1
-        limit = ppl_ref * config.tolerance**processed
         dense = model.get_submodule(lin.name)
+        passed = None
         for r in candidates[lin.name]:
             model.set_submodule(lin.name, factors[lin.name].linear(r, dtype=dense.weight.dtype))
-            p = ppl(lin.block)
-            trials.append({"layer": lin.name, "rank": r, "ppl": p, "limit": limit})
-            if p <= limit:
-                ranks[lin.name], current = r, p
+            oks, record = probe.trial(lin.block, processed)
+            trials.append({"layer": lin.name, "rank": r, **record, "passed": oks})
+            passed = oks if passed is None else [a or b for a, b in zip(passed, oks, strict=True)]
+            if all(passed):
+                ranks[lin.name], accepted = r, record
                 break
         else:
             model.set_submodule(lin.name, dense)
         del factors[lin.name]  # each layer's factors are used once: free them as the walk goes
-        bar.set_postfix(ppl=f"{current:.2f}", params=f"{model_parameters(model) / total:.3f}")
+        bar.set_postfix(params=f"{model_parameters(model) / total:.3f}")
         if target is not None and model_parameters(model) <= target:
             break
     reached = target is None or model_parameters(model) <= target
@@ -96,7 +142,6 @@ def surgical_search(model, desc: ModelDescription, config: LowRankConfig, target
         log.warning("the search kept every layer it could within tolerance and stopped at %.1f%% of the "
                     "parameters, above keep=%s", 100 * model_parameters(model) / total, config.keep)
     plan = RankPlan(ranks, layers, total, blocks=sorted({by_name[n].block for n in ranks}))
-    info = {"variant": "ppl", "split": "wiki validation", "search_tokens": int(windows.numel()),
-            "ppl_ref": ppl_ref, "ppl_final": current, "tolerance": config.tolerance,
-            "layers_processed": processed, "target_params": target, "target_reached": reached, "trials": trials}
+    info = {**reference, **probe.final(accepted, reference), "layers_processed": processed,
+            "target_params": target, "target_reached": reached, "trials": trials}
     return plan, info
