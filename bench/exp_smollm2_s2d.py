@@ -34,6 +34,10 @@ ARMS = {
     "s2d-decoupled": DECOUPLED,
     "s2d-decoupled-fold": [*DECOUPLED, "--reg-option", "fold_norms=true"],
     "s2d-decoupled-outliers": [*DECOUPLED, "--reg-option", "pcdr_rows=outliers", "--reg-option", "tau=0.8"],
+    # The λ sweep, on the selection that reaches the massive-activation writer (λ = 2 is the arm above).
+    **{f"s2d-decoupled-outliers-lam{lam}": [*S2D, "--reg-option", "form=decoupled", "--reg-option", f"lam={lam}",
+                                            "--reg-option", "pcdr_rows=outliers", "--reg-option", "tau=0.8"]
+       for lam in ("0.5", "8")},
     "s2d-coupled": [*S2D, "--reg-option", "form=coupled", "--reg-option", "lam=5e-4"],
     "specnorm": ["--reg", "specnorm"],
     "kure": ["--reg", "kure"],
@@ -41,6 +45,7 @@ ARMS = {
 DEFAULT_ARMS = ["start", "adamw", "s2d-decoupled", "s2d-decoupled-fold", "s2d-coupled", "specnorm", "kure",
                 "s2d-decoupled-outliers"]
 SCHEMES, METHODS = "W8A8,W6A6,W4A4", "rtn,rotate+rtn,smooth+rtn"
+LAMBDAS = {"s2d-decoupled-outliers-lam0.5": 0.5, "s2d-decoupled-outliers": 2.0, "s2d-decoupled-outliers-lam8": 8.0}
 
 
 def run(cmd: list[str], log: Path) -> None:
@@ -66,6 +71,9 @@ def stages(name: str, args, folder: Path) -> dict[str, list[str]]:
                        "--eval", "ppl:wiki", *ppl, "--no-model"]
     out["eval"] = ["s2d", "eval", model, "--tasks", "polarity,analogy-mc"]
     out["diagnose"] = ["s2d", "diagnose", model]
+    if args.gptq:  # optional: ~2 min per cell here, so the GPTQ columns come after the rest
+        out["quant-gptq"] = ["s2d", "quantize", model, "--sweep", "--schemes", SCHEMES, "--methods", "gptq",
+                             "--eval", "ppl:wiki", *ppl, "--no-model"]
     return {k: [*v, "--out", str(folder / k)] for k, v in out.items()}
 
 
@@ -123,19 +131,50 @@ def table(root: Path) -> str:
                          len(ft["refreshes"][0]["selected"]) if ft and ft.get("refreshes") else 0])
     q_head = ["arm", "FP ppl", "W8A8", "W6A6", "W4A4", "W4A4 per-tensor A", "W6A6 rot", "W4A4 rot", "W6A6 smooth",
               "W4A4 smooth", "polarity (FP)", "analogy (FP)", "train s"]
+    gptq = [[name, *[_load(f, "quant-gptq")["results"][f"{s} gptq"]["eval"]["ppl:wiki@128"]["ppl"]
+                     for s in SCHEMES.split(",")]] for name, f in finished(root).items() if _load(f, "quant-gptq")]
     o_head = ["arm", "residual max |x|", "massive entries", "σ₁ max (all)", f"max |x| out of the {len(sel)} "
               "selected", "σ₁ max (selected)", "mean PCDR₁ (selected)", "layers selected at step 0"]
-    return md_table(q_head, quality) + "\n\n" + md_table(o_head, outliers)
+    parts = [md_table(q_head, quality), md_table(o_head, outliers)]
+    if gptq:
+        parts.append(md_table(["arm", *[f"{s} GPTQ" for s in SCHEMES.split(",")]], gptq))
+    spread = seed_spread(root)
+    if spread:
+        parts.append(spread)
+    return "\n\n".join(parts)
+
+
+def seed_spread(root: Path) -> str:
+    """Arms run with more than one seed: each headline cell's mean and its range over seeds."""
+    from s2d.report import md_table
+
+    by_arm: dict[str, list[Path]] = {}
+    for name, folder in finished(root).items():
+        by_arm.setdefault(name.rsplit("-s", 1)[0], []).append(folder)
+    rows = []
+    for arm, folders in by_arm.items():
+        if len(folders) < 2:
+            continue
+        row = [arm, ", ".join(f.name.rsplit("-s", 1)[1] for f in folders)]
+        for cell in ("FP", "W4A4 rtn", "W4A4 rotate+rtn", "W6A6 rtn"):
+            v = [_load(f, "quant")["results"][cell]["eval"]["ppl:wiki@128"]["ppl"] for f in folders]
+            row.append(f"{sum(v) / len(v):.4g} [{min(v):.4g}, {max(v):.4g}]")
+        peaks = [_load(f, "diagnose")["severity"]["max_abs"] for f in folders]
+        row.append(f"{sum(peaks) / len(peaks):.4g} [{min(peaks):.4g}, {max(peaks):.4g}]")
+        rows.append(row)
+    if not rows:
+        return ""
+    return md_table(["arm", "seeds", "FP ppl mean [min, max]", "W4A4 RTN", "W4A4 rot", "W6A6 RTN",
+                     "residual max |x|"], rows)
 
 
 def reading(root: Path) -> list[str]:
-    """Each fine-tuned arm against plain AdamW: FP cost, W4A4 change, and what happened to the outliers."""
+    """Each fine-tuned arm against plain AdamW of the same seed: FP cost, W4A4 change, and the outliers."""
     from s2d.report.markdown import fmt
 
     arms = finished(root)
-    base = next((f for n, f in arms.items() if n.startswith("adamw")), None)
     start = next((f for n, f in arms.items() if n.startswith("start")), None)
-    if base is None or start is None:
+    if start is None:
         return []
 
     def ppl(folder, cell):
@@ -144,11 +183,15 @@ def reading(root: Path) -> list[str]:
     def peak(folder):
         return _load(folder, "diagnose")["severity"]["max_abs"]
 
-    lines = [f"AdamW alone: FP ppl {fmt(ppl(start, 'FP'))} → {fmt(ppl(base, 'FP'))}, W4A4 RTN "
-             f"{fmt(ppl(start, 'W4A4 rtn'))} → {fmt(ppl(base, 'W4A4 rtn'))}, residual max |x| "
-             f"{fmt(peak(start))} → {fmt(peak(base))}."]
+    lines = []
     for name, folder in arms.items():
-        if folder in (base, start):
+        seed = name.rsplit("-s", 1)[1]
+        base = arms.get(f"adamw-s{seed}")
+        if name.startswith("adamw"):
+            lines.append(f"AdamW alone (seed {seed}): FP ppl {fmt(ppl(start, 'FP'))} → {fmt(ppl(folder, 'FP'))}, "
+                         f"W4A4 RTN {fmt(ppl(start, 'W4A4 rtn'))} → {fmt(ppl(folder, 'W4A4 rtn'))}, residual max |x| "
+                         f"{fmt(peak(start))} → {fmt(peak(folder))}.")
+        if base is None or folder in (base, start):
             continue
         parts = [f"FP ppl {fmt(ppl(folder, 'FP'))} vs {fmt(ppl(base, 'FP'))}"]
         for cell, label in (("W4A4 rtn", "W4A4 RTN"), ("W4A4 rotate+rtn", "W4A4 rotation"),
@@ -202,7 +245,42 @@ def figures(root: Path, out: Path) -> list[tuple[str, str]]:
     ax.set(yscale="log", ylabel="W4A4 ppl / FP ppl", title="The W4A4 gap, by arm and method")
     ax.legend(fontsize=7)
     made.append((save_figure(fig, out / "exp-smollm2-w4a4-gap.png").name, "W4A4 perplexity over FP perplexity"))
+    sweep = lambda_sweep(root)
+    if len(sweep) >= 2:
+        fig, ax = plt.subplots(figsize=(6, 3.8), dpi=110)
+        for cell, marker in (("W4A4 rtn", "o"), ("W4A4 rotate+rtn", "s")):
+            xs, ys = [p["fp_cost"] for p in sweep], [p[cell] for p in sweep]
+            ax.plot(xs, ys, marker=marker, label=cell)
+            for p, x, y in zip(sweep, xs, ys, strict=True):
+                ax.annotate(f"λ={p['lam']:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        ax.axhline(0, color="grey", lw=0.6)
+        ax.axvline(0, color="grey", lw=0.6)
+        ax.set(xlabel="FP ppl change vs AdamW (%)", ylabel="W4A4 ppl change vs AdamW (%)",
+               title="λ sweep (decoupled S2D, τ 0.8 outlier rows): cost vs gain")
+        ax.legend(fontsize=7)
+        made.append((save_figure(fig, out / "exp-smollm2-lambda.png").name,
+                     "λ sweep: FP cost against W4A4 change, both relative to AdamW (below 0 = better)"))
     return made
+
+
+def lambda_sweep(root: Path) -> list[dict]:
+    """The λ-sweep arms of seed 0 that finished, against AdamW of seed 0: FP and W4A4 changes in %."""
+    arms = finished(root)
+    base = arms.get("adamw-s0")
+    if base is None:
+        return []
+
+    def ppl(folder, cell):
+        return _load(folder, "quant")["results"][cell]["eval"]["ppl:wiki@128"]["ppl"]
+
+    points = []
+    for name, lam in LAMBDAS.items():
+        folder = arms.get(f"{name}-s0")
+        if folder:
+            points.append({"lam": lam, "fp_cost": 100 * (ppl(folder, "FP") / ppl(base, "FP") - 1),
+                           **{c: 100 * (ppl(folder, c) / ppl(base, c) - 1) for c in ("W4A4 rtn", "W4A4 rotate+rtn")},
+                           "max_abs": _load(folder, "diagnose")["severity"]["max_abs"]})
+    return sorted(points, key=lambda p: p["lam"])
 
 
 def main() -> None:
@@ -214,6 +292,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--ppl-tokens", type=int, default=8192)
     ap.add_argument("--root", type=Path, default=Path("runs/exp-smollm2"))
+    ap.add_argument("--gptq", action="store_true", help="also measure W8A8/W6A6/W4A4 with GPTQ (a later stage)")
     ap.add_argument("--table", action="store_true", help="only print the tables of finished arms")
     ap.add_argument("--figures", type=Path, help="write the figures into this folder")
     args = ap.parse_args()

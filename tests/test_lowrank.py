@@ -110,15 +110,27 @@ def test_streaming_rom_equals_the_computation_on_concatenated_outputs():
 
 
 @pytest.mark.parametrize("bias", [False, True])
-def test_output_sums_from_the_shared_input_equal_the_direct_sums(bias):
-    lin = _layer(12, 40, bias).double()  # float64 outputs, so the two routes differ only by summation order
-    x = _inputs(250, 12).double()
+@pytest.mark.parametrize("d_in,d_out", [(12, 40), (40, 12)])
+def test_output_statistics_from_the_shared_input_equal_the_direct_ones(bias, d_in, d_out):
+    lin = _layer(d_in, d_out, bias).double()  # float64 outputs, so the two routes differ only by rounding
+    x = _inputs(250, d_in).double()
     direct, gram = _stats(lin, x, chunks=5)
     derived = OutputStats.from_inputs(gram, lin.weight, lin.bias)
     assert derived.n == direct.n == 250
-    torch.testing.assert_close(derived.y_sum, direct.y_sum, atol=1e-9, rtol=1e-10)
-    torch.testing.assert_close(derived.yty, direct.yty, atol=1e-8, rtol=1e-10)
+    torch.testing.assert_close(derived.mean(), direct.mean(), atol=1e-10, rtol=1e-10)
     torch.testing.assert_close(derived.covariance(), direct.covariance(), atol=1e-9, rtol=1e-9)
+    # The factored route (SVD through the d_in side) gives the eigenpairs of the d_out x d_out covariance.
+    values, vectors = principal_directions(derived)
+    k = min(d_in, d_out)
+    assert values.shape == (k,) and vectors.shape == (d_out, k)
+    torch.testing.assert_close(values, principal_directions(direct)[0][:k], atol=1e-9, rtol=1e-8)
+    torch.testing.assert_close(vectors.T @ vectors, torch.eye(k, dtype=torch.float64), atol=1e-10, rtol=0)
+    torch.testing.assert_close(direct.covariance() @ vectors, vectors * values, atol=1e-8, rtol=1e-8)
+    for rank in (1, k // 2, k):
+        a = rom_factors(lin.weight, lin.bias, derived).linear(rank, dtype=torch.float64)
+        b = rom_factors(lin.weight, lin.bias, direct).linear(rank, dtype=torch.float64)
+        torch.testing.assert_close(a.B.weight @ a.A.weight, b.B.weight @ b.A.weight, atol=1e-8, rtol=1e-7)
+        torch.testing.assert_close(a.B.bias, b.B.bias, atol=1e-8, rtol=1e-7)
 
 
 def test_effective_rank_matches_a_plain_loop():

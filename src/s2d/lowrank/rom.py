@@ -4,6 +4,7 @@ With V_r the top-r eigenvectors of the centred output covariance C and μ the ou
 y = Wx + b becomes ŷ = V_rV_rᵀ(y − μ) + μ, i.e. A = V_rᵀW (bias-free) and B = V_r with bias
 μ + V_rV_rᵀ(b − μ) = (I − V_rV_rᵀ)μ + V_rV_rᵀb (SPEC §4). Unlike the original code we use `eigh` on the
 symmetric C, sort descending, and keep the mean compensation (which makes the mean output exact).
+Where the statistics come from the layer's input (GramOutputStats), C is factored through the smaller side.
 """
 
 from __future__ import annotations
@@ -30,21 +31,9 @@ class OutputStats:
         self.n += y.shape[0]
 
     @classmethod
-    def from_inputs(cls, gram: InputGram, weight: torch.Tensor, bias: torch.Tensor | None) -> OutputStats:
-        """The same sums for Y = XWᵀ + b, from the input's ΣXᵀX and ΣX: ΣYᵀY = W(ΣXᵀX)Wᵀ + W(ΣX)bᵀ + b(ΣX)ᵀWᵀ
-        + n bbᵀ. Linears that share an input (gate and up) then share one d_in×d_in sum, much cheaper than a
-        d_out×d_out sum each when d_out > d_in."""
-        w = weight.detach().double()
-        stats = cls(w.shape[0])
-        stats.yty = w @ gram.xtx @ w.T
-        stats.y_sum = w @ gram.x_sum
-        if bias is not None:
-            b = bias.detach().double()
-            wsb = torch.outer(stats.y_sum, b)
-            stats.yty += wsb + wsb.T + gram.n * torch.outer(b, b)
-            stats.y_sum += gram.n * b
-        stats.n = gram.n
-        return stats
+    def from_inputs(cls, gram: InputGram, weight: torch.Tensor, bias: torch.Tensor | None) -> GramOutputStats:
+        """The same statistics for Y = XWᵀ + b, from the input's ΣXᵀX and ΣX (see GramOutputStats)."""
+        return GramOutputStats(gram, weight, bias)
 
     def mean(self) -> torch.Tensor:
         return self.y_sum / self.n
@@ -54,17 +43,59 @@ class OutputStats:
         if self.n == 0:
             raise S2DError("rom saw no calibration outputs for a layer; give calibration data")
         mu = self.mean()
-        cov = self.yty / self.n - torch.outer(mu, mu)
-        return (cov + cov.T) / 2  # exact symmetry for eigh, against rounding in the subtraction
+        return (self.yty / self.n).sub_(torch.outer(mu, mu))
+
+    def principal(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(eigenvalues, eigenvectors as columns) of the covariance, largest first. `eigh` reads only the
+        lower triangle, so the rounding asymmetry of the subtraction needs no symmetrizing copy."""
+        values, vectors = torch.linalg.eigh(self.covariance())
+        return values.flip(0), vectors.flip(1)
 
 
-def principal_directions(stats: OutputStats) -> tuple[torch.Tensor, torch.Tensor]:
-    """(eigenvalues, eigenvectors as columns) of the output covariance, largest first, by `eigh`."""
-    values, vectors = torch.linalg.eigh(stats.covariance())
-    return values.flip(0), vectors.flip(1)
+class GramOutputStats:
+    """Output statistics of Y = XWᵀ + b kept in the input's terms: ΣXᵀX, ΣX, n and the layer itself.
+
+    Linears that share an input (gate and up, q/k/v) share one d_in×d_in sum. The output covariance is
+    C_y = W C_x Wᵀ with C_x = QΛQᵀ, so C_y = MMᵀ for M = WQΛ^½ (d_out×d_in): its eigenvectors are M's left
+    singular vectors and its eigenvalues their squared singular values. The d_out×d_out matrix is never formed,
+    which matters when d_out ≫ d_in (TinyLlama's gate/up: 5632² doubles and an `eigh` of that size per Linear,
+    against an SVD of 5632×2048). C_y has rank ≤ min(d_in, d_out), so nothing past that is lost.
+    """
+
+    def __init__(self, gram: InputGram, weight: torch.Tensor, bias: torch.Tensor | None):
+        self.gram, self.weight, self.bias, self.n = gram, weight, bias, gram.n
+
+    def _check(self) -> None:
+        if self.n == 0:
+            raise S2DError("rom saw no calibration outputs for a layer; give calibration data")
+
+    def mean(self) -> torch.Tensor:
+        self._check()
+        mu = self.weight.detach().double() @ (self.gram.x_sum / self.n)
+        return mu + self.bias.detach().double() if self.bias is not None else mu
+
+    def _input_covariance(self) -> torch.Tensor:
+        self._check()
+        mu = self.gram.x_sum / self.n
+        return (self.gram.xtx / self.n).sub_(torch.outer(mu, mu))
+
+    def covariance(self) -> torch.Tensor:
+        w = self.weight.detach().double()
+        return w @ self._input_covariance() @ w.T
+
+    def principal(self) -> tuple[torch.Tensor, torch.Tensor]:
+        lam, q = torch.linalg.eigh(self._input_covariance())
+        m = self.weight.detach().double() @ (q * lam.clamp_min(0).sqrt())
+        u, sigma, _ = torch.linalg.svd(m, full_matrices=False)
+        return sigma**2, u
 
 
-def rom_factors(weight: torch.Tensor, bias: torch.Tensor | None, stats: OutputStats,
+def principal_directions(stats: OutputStats | GramOutputStats) -> tuple[torch.Tensor, torch.Tensor]:
+    """(eigenvalues, eigenvectors as columns) of the output covariance, largest first."""
+    return stats.principal()
+
+
+def rom_factors(weight: torch.Tensor, bias: torch.Tensor | None, stats: OutputStats | GramOutputStats,
                 max_rank: int | None = None) -> Factors:
     """Factors of the layer from its output statistics: A = V_rᵀW, B = V_r, bias with mean compensation."""
     w = weight.detach().double()

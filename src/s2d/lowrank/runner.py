@@ -186,9 +186,14 @@ class DiskBlocks:
         if missing or set(keys) - expected:
             raise S2DError(f"the weights in {self.folder} do not match its config: missing {sorted(missing)[:5]}, "
                            f"unexpected {sorted(set(keys) - expected)[:5]}")
-        model.load_state_dict(read_tensors(self.folder, keys, self.mapping), strict=False, assign=True)
+        # An untied head is never run while compressing (the passes stop at the last block): it stays on the
+        # meta device and is copied from the source at the end, which keeps its vocab×d matrix out of the peak.
+        head = self.desc.head + "." if self.desc.head else None
+        self.deferred = [k for k in keys if head and k.startswith(head) and k not in tied_keys(model)]
+        loaded = [k for k in keys if k not in self.deferred]
+        model.load_state_dict(read_tensors(self.folder, loaded, self.mapping), strict=False, assign=True)
         model.tie_weights()
-        self.rest = keys
+        self.rest = loaded
 
     def load(self, i: int) -> None:
         block, prefix = self.desc.blocks[i].module, self.prefixes[i]
@@ -219,6 +224,7 @@ class DiskBlocks:
 
         state = self.desc.model.state_dict()
         rest = {k: state[k].contiguous() for k in self.rest}
+        rest.update(read_tensors(self.folder, self.deferred, self.mapping))
         save_file(rest, self.out / "rest.safetensors", metadata={"format": "pt"})
         self.written.update({k: "rest.safetensors" for k in rest})
         total = sum(f.stat().st_size for f in self.out.glob("*.safetensors"))

@@ -67,11 +67,15 @@ class ClassificationTask:
         idx = _shard(idx, rank, world)
         return self._encode([self.train_rows[i] for i in idx.tolist()])
 
+    def eval_batch(self) -> dict:
+        """The held-out sentences, encoded, with their labels."""
+        return self._encode(self.eval_rows)
+
     @torch.no_grad()
     def evaluate(self, model) -> dict:
         from s2d.eval import classification_accuracy
 
-        return {"val_acc": classification_accuracy(model, self._encode(self.eval_rows))}
+        return {"val_acc": classification_accuracy(model, self.eval_batch())}
 
 
 class ImageTask:
