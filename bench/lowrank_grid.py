@@ -80,6 +80,46 @@ def table(root: Path) -> str:
                      "polarity acc", "wiki-cloze acc", "mean acc", "compress s"], rows)
 
 
+def reading(root: Path) -> list[str]:
+    """Per keep fraction: the methods ordered by mean zero-shot accuracy and by perplexity, from the cells."""
+    from s2d.report.markdown import fmt
+
+    def cell(name):
+        path = root / name / "metrics.json"
+        if not path.is_file():
+            return None
+        ev = json.loads(path.read_text())["eval"]
+        return (ev["ppl:wiki@128"]["ppl"], sum(ev[t]["acc"] for t in ("analogy-mc", "polarity", "wiki-cloze")) / 3)
+
+    lines, dense = [], cell("dense")
+    for keep in sorted(KEEPS, reverse=True):
+        got = {m: c for m in ("svd", "asvd", "rom", "rom+search") if (c := cell(f"{m}-{keep}"))}
+        if len(got) < 2:
+            continue
+        by_acc = sorted(got, key=lambda m: -got[m][1])
+        by_ppl = sorted(got, key=lambda m: got[m][0])
+        ref = f" (dense: ppl {fmt(dense[0])}, mean acc {dense[1]:.3f})" if dense else ""
+        lines.append(f"At {float(keep):.0%} of the parameters{ref}: by mean accuracy "
+                     + " > ".join(f"{m} {got[m][1]:.3f}" for m in by_acc) + "; by perplexity "
+                     + " < ".join(f"{m} {fmt(got[m][0])}" for m in by_ppl) + ".")
+    return lines
+
+
+def quant_reading(root: Path) -> list[str]:
+    """How much each kept 80% model loses to quantization, against the dense model: ratios to its own FP."""
+    lines = []
+    for name in QUANTIZED:
+        path = root / f"{name}-quant" / "metrics.json"
+        if not path.is_file():
+            continue
+        res = json.loads(path.read_text())["results"]
+        ppl = {k: v["eval"]["ppl:wiki@128"]["ppl"] for k, v in res.items()}
+        ratios = ", ".join(f"{k} ×{ppl[k] / ppl['FP']:.2f}" for k in ("W6A6 rtn", "W6A6 gptq", "W4A4 rtn", "W4A4 gptq")
+                           if k in ppl)
+        lines.append(f"{name}: quantized ppl over its own FP ppl: {ratios}.")
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--root", type=Path, default=Path("runs/lowrank-grid"))
