@@ -127,6 +127,33 @@ def test_compress_from_disk_block_by_block_equals_in_memory(tmp_path, family):
     assert torch.equal(_logits(again, ids), _logits(model, ids))
 
 
+def test_compress_from_disk_frees_each_block_it_has_written(tmp_path, monkeypatch):
+    """Peak memory follows one block: once block i is written, no block Linear holds real weights (the
+    replaced dense Linears included, which the model description still references)."""
+    import gc
+
+    from s2d.lowrank.runner import DiskBlocks
+
+    model, tok = load_model("tiny:qwen2")
+    model.save_pretrained(tmp_path / "dense")
+    tok.save_pretrained(tmp_path / "dense")
+    live_after = []
+    release = DiskBlocks.release
+
+    def counting_release(self, i):
+        release(self, i)
+        gc.collect()
+        head = self.desc.model.get_submodule(self.desc.head)
+        live_after.append(sum(1 for o in gc.get_objects() if type(o) is torch.nn.Linear and o is not head
+                              and o.weight.device.type != "meta"))
+
+    monkeypatch.setattr(DiskBlocks, "release", counting_release)
+    del model
+    compress_folder(tmp_path / "dense", LowRankConfig(method="rom", keep=0.75, chunk_size=3), tmp_path / "out",
+                    calib=_calib(), progress=False)
+    assert live_after and all(n == 0 for n in live_after), live_after
+
+
 def test_forward_from_a_block_matches_the_full_forward():
     model, _ = load_model("tiny:gemma3")
     desc = describe(model)
