@@ -79,7 +79,7 @@ def table(root: Path) -> str:
                      round(ev["ppl:wiki@128"]["ppl"], 2), *[round(a, 3) for a in accs], round(sum(accs) / 3, 3),
                      round(m["compression"]["seconds"])))
     return md_table(["cell", "params kept", "block-Linear params kept", "wiki test ppl@128", "analogy-mc acc",
-                     "polarity acc", "wiki-cloze acc", "mean acc", "compress s"], rows)
+                     "polarity acc", "wiki-cloze acc", "mean acc", "compress wall s"], rows)
 
 
 def reading(root: Path) -> list[str]:
