@@ -94,6 +94,14 @@ def reading(root: Path) -> list[str]:
         return (ev["ppl:wiki@128"]["ppl"], sum(ev[t]["acc"] for t in ("analogy-mc", "polarity", "wiki-cloze")) / 3)
 
     lines, dense = [], cell("dense")
+    for other, label in (("svd", "plain weight SVD"), ("asvd", "whitened weight SVD")):
+        pairs = [(cell(f"rom-{k}"), cell(f"{other}-{k}")) for k in KEEPS]
+        pairs = [(a, b) for a, b in pairs if a and b]
+        if pairs:
+            acc = sum(a[1] > b[1] for a, b in pairs)
+            ppl = sum(a[0] < b[0] for a, b in pairs)
+            lines.append(f"Feature space (rom) against {label} ({other}): higher mean accuracy at {acc} of "
+                         f"{len(pairs)} budgets, lower perplexity at {ppl} of {len(pairs)}.")
     for keep in sorted(KEEPS, reverse=True):
         got = {m: c for m in ("svd", "asvd", "rom", "rom+search") if (c := cell(f"{m}-{keep}"))}
         if len(got) < 2:
