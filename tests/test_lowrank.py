@@ -9,7 +9,7 @@ from s2d.errors import S2DError
 from s2d.lowrank.asvd import InputGram, asvd_factors
 from s2d.lowrank.budget import Layer, plan_keep, plan_ranks
 from s2d.lowrank.factorized import FactorizedLinear, break_even_rank
-from s2d.lowrank.rom import OutputStats, principal_directions, rom_factors
+from s2d.lowrank.rom import GramOutputStats, OutputStats, principal_directions, rom_factors
 from s2d.lowrank.svd import svd_factors
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -115,7 +115,7 @@ def test_output_statistics_from_the_shared_input_equal_the_direct_ones(bias, d_i
     lin = _layer(d_in, d_out, bias).double()  # float64 outputs, so the two routes differ only by rounding
     x = _inputs(250, d_in).double()
     direct, gram = _stats(lin, x, chunks=5)
-    derived = OutputStats.from_inputs(gram, lin.weight, lin.bias)
+    derived = GramOutputStats(gram, lin.weight, lin.bias)
     assert derived.n == direct.n == 250
     torch.testing.assert_close(derived.mean(), direct.mean(), atol=1e-10, rtol=1e-10)
     torch.testing.assert_close(derived.covariance(), direct.covariance(), atol=1e-9, rtol=1e-9)

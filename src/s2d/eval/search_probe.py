@@ -60,5 +60,5 @@ class TaskProbe:
         acc = self._accuracy(block)
         return [a >= r - self.config.acc_tolerance for a, r in zip(acc, self.acc_ref, strict=True)], {"acc": acc}
 
-    def final(self, record: dict | None, reference: dict) -> dict:
-        return {"acc_final": record["acc"] if record else reference["acc_ref"]}
+    def final(self, record: dict | None) -> dict:
+        return {"acc_final": record["acc"] if record else self.acc_ref}

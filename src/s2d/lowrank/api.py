@@ -158,8 +158,6 @@ def decompose_blocks(desc: ModelDescription, ranks: dict[str, int], config: LowR
                 f = factors[n] if n in factors else factors_for(config.method, module, stats.get(n), config,
                                                                 ranks[n])
                 model.set_submodule(n, f.linear(ranks[n], dtype=module.weight.dtype))
-                if source is not None:
-                    module.to("meta")  # `desc` still holds the replaced dense Linear: drop its weights from memory
         if runner is not None and i < last:
             runner.advance(i)
         if source is not None:

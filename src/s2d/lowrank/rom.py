@@ -30,11 +30,6 @@ class OutputStats:
         self.y_sum += y.sum(0)
         self.n += y.shape[0]
 
-    @classmethod
-    def from_inputs(cls, gram: InputGram, weight: torch.Tensor, bias: torch.Tensor | None) -> GramOutputStats:
-        """The same statistics for Y = XWᵀ + b, from the input's ΣXᵀX and ΣX (see GramOutputStats)."""
-        return GramOutputStats(gram, weight, bias)
-
     def mean(self) -> torch.Tensor:
         return self.y_sum / self.n
 
@@ -62,32 +57,35 @@ class GramOutputStats:
     against an SVD of 5632×2048). C_y has rank ≤ min(d_in, d_out), so nothing past that is lost.
     """
 
-    def __init__(self, gram: InputGram, weight: torch.Tensor, bias: torch.Tensor | None):
-        self.gram, self.weight, self.bias, self.n = gram, weight, bias, gram.n
-
-    def _check(self) -> None:
-        if self.n == 0:
+    def __init__(self, gram: InputGram, weight: torch.Tensor, bias: torch.Tensor | None,
+                 root: torch.Tensor | None = None):
+        if gram.n == 0:
             raise S2DError("rom saw no calibration outputs for a layer; give calibration data")
+        self.gram, self.weight, self.bias, self.n = gram, weight, bias, gram.n
+        # Linears sharing the input share its root too: pass input_covariance_root(gram) to compute it once.
+        self.root = input_covariance_root(gram) if root is None else root
 
     def mean(self) -> torch.Tensor:
-        self._check()
         mu = self.weight.detach().double() @ (self.gram.x_sum / self.n)
         return mu + self.bias.detach().double() if self.bias is not None else mu
 
-    def _input_covariance(self) -> torch.Tensor:
-        self._check()
-        mu = self.gram.x_sum / self.n
-        return (self.gram.xtx / self.n).sub_(torch.outer(mu, mu))
+    def _m(self) -> torch.Tensor:
+        return self.weight.detach().double() @ self.root
 
     def covariance(self) -> torch.Tensor:
-        w = self.weight.detach().double()
-        return w @ self._input_covariance() @ w.T
+        m = self._m()
+        return m @ m.T
 
     def principal(self) -> tuple[torch.Tensor, torch.Tensor]:
-        lam, q = torch.linalg.eigh(self._input_covariance())
-        m = self.weight.detach().double() @ (q * lam.clamp_min(0).sqrt())
-        u, sigma, _ = torch.linalg.svd(m, full_matrices=False)
+        u, sigma, _ = torch.linalg.svd(self._m(), full_matrices=False)
         return sigma**2, u
+
+
+def input_covariance_root(gram: InputGram) -> torch.Tensor:
+    """QΛ^½ from the centred input covariance C_x = QΛQᵀ (so C_x = root·rootᵀ), negative rounding clamped."""
+    mu = gram.x_sum / gram.n
+    lam, q = torch.linalg.eigh((gram.xtx / gram.n).sub_(torch.outer(mu, mu)))
+    return q * lam.clamp_min(0).sqrt()
 
 
 def principal_directions(stats: OutputStats | GramOutputStats) -> tuple[torch.Tensor, torch.Tensor]:

@@ -18,7 +18,7 @@ from s2d.arch import ModelDescription, capture_block_inputs, model_inputs, run_b
 from s2d.errors import S2DError
 from s2d.lowrank.asvd import InputGram
 from s2d.lowrank.io import read_tensors, tied_keys, weight_map
-from s2d.lowrank.rom import OutputStats
+from s2d.lowrank.rom import GramOutputStats, OutputStats, input_covariance_root
 
 
 class _Stop(Exception):
@@ -118,9 +118,10 @@ class BlockRunner:
         for group in groups:
             if group[0] in grams:
                 gram = grams[group[0]]
+                root = input_covariance_root(gram) if kind == "output" and gram.n else None
                 for n in group:
-                    stats[n] = gram if kind == "input" else OutputStats.from_inputs(gram, modules[n].weight,
-                                                                                    modules[n].bias)
+                    stats[n] = gram if kind == "input" else GramOutputStats(gram, modules[n].weight,
+                                                                            modules[n].bias, root)
         return stats
 
     @torch.no_grad()
@@ -182,14 +183,15 @@ class DiskBlocks:
         model = self.desc.model
         keys = [k for k in self.mapping if not any(k.startswith(p) for p in self.prefixes)]
         expected = {k for k in model.state_dict() if not any(k.startswith(p) for p in self.prefixes)}
-        missing = expected - set(keys) - tied_keys(model)
+        tied = tied_keys(model)
+        missing = expected - set(keys) - tied
         if missing or set(keys) - expected:
             raise S2DError(f"the weights in {self.folder} do not match its config: missing {sorted(missing)[:5]}, "
                            f"unexpected {sorted(set(keys) - expected)[:5]}")
         # An untied head is never run while compressing (the passes stop at the last block): it stays on the
         # meta device and is copied from the source at the end, which keeps its vocab×d matrix out of the peak.
         head = self.desc.head + "." if self.desc.head else None
-        self.deferred = [k for k in keys if head and k.startswith(head) and k not in tied_keys(model)]
+        self.deferred = [k for k in keys if head and k.startswith(head) and k not in tied]
         loaded = [k for k in keys if k not in self.deferred]
         model.load_state_dict(read_tensors(self.folder, loaded, self.mapping), strict=False, assign=True)
         model.tie_weights()
@@ -214,6 +216,8 @@ class DiskBlocks:
         save_file(state, self.out / name, metadata={"format": "pt"})
         self.written.update({k: name for k in state})
         block.to("meta")
+        for lin in self.desc.blocks[i].linears:  # the description still references Linears replaced in the block
+            lin.module.to("meta")
 
     def finish(self, config: dict) -> None:
         """Write the non-block tensors, the shard index, config.json and the folder's other files."""

@@ -38,7 +38,7 @@ class Probe(Protocol):
 
     def trial(self, block: int, processed: int) -> tuple[list[bool], dict]: ...
 
-    def final(self, record: dict | None, reference: dict) -> dict: ...
+    def final(self, record: dict | None) -> dict: ...
 
 
 def candidate_ranks(layer: Layer) -> list[int]:
@@ -91,8 +91,8 @@ class PplProbe:
         p, limit = self._ppl(block), self.ppl_ref * self.tolerance**processed
         return [p <= limit], {"ppl": p, "limit": limit}
 
-    def final(self, record: dict | None, reference: dict) -> dict:
-        return {"ppl_final": record["ppl"] if record else reference["ppl_ref"]}
+    def final(self, record: dict | None) -> dict:
+        return {"ppl_final": record["ppl"] if record else self.ppl_ref}
 
 
 def surgical_search(model, desc: ModelDescription, config: LowRankConfig, targets: list, batch, tokenizer,
@@ -142,6 +142,6 @@ def surgical_search(model, desc: ModelDescription, config: LowRankConfig, target
         log.warning("the search kept every layer it could within tolerance and stopped at %.1f%% of the "
                     "parameters, above keep=%s", 100 * model_parameters(model) / total, config.keep)
     plan = RankPlan(ranks, layers, total, blocks=sorted({by_name[n].block for n in ranks}))
-    info = {**reference, **probe.final(accepted, reference), "layers_processed": processed,
+    info = {**reference, **probe.final(accepted), "layers_processed": processed,
             "target_params": target, "target_reached": reached, "trials": trials}
     return plan, info
