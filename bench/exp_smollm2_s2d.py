@@ -90,6 +90,15 @@ def _load(folder: Path, stage: str) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def _ppl(folder: Path, cell: str, stage: str = "quant") -> float:
+    """Wiki-test perplexity of one quantized cell of an arm."""
+    return _load(folder, stage)["results"][cell]["eval"]["ppl:wiki@128"]["ppl"]
+
+
+def _peak(folder: Path) -> float:
+    return _load(folder, "diagnose")["severity"]["max_abs"]
+
+
 def finished(root: Path) -> dict[str, Path]:
     """Arm folders with every stage measured, the starting model first."""
     done = {p.name: p for p in sorted(root.iterdir())
@@ -131,8 +140,8 @@ def table(root: Path) -> str:
                          len(ft["refreshes"][0]["selected"]) if ft and ft.get("refreshes") else 0])
     q_head = ["arm", "FP ppl", "W8A8", "W6A6", "W4A4", "W4A4 per-tensor A", "W6A6 rot", "W4A4 rot", "W6A6 smooth",
               "W4A4 smooth", "polarity (FP)", "analogy (FP)", "train s"]
-    gptq = [[name, *[_load(f, "quant-gptq")["results"][f"{s} gptq"]["eval"]["ppl:wiki@128"]["ppl"]
-                     for s in SCHEMES.split(",")]] for name, f in finished(root).items() if _load(f, "quant-gptq")]
+    gptq = [[name, *[_ppl(f, f"{s} gptq", "quant-gptq") for s in SCHEMES.split(",")]]
+            for name, f in finished(root).items() if _load(f, "quant-gptq")]
     o_head = ["arm", "residual max |x|", "massive entries", "σ₁ max (all)", f"max |x| out of the {len(sel)} "
               "selected", "σ₁ max (selected)", "mean PCDR₁ (selected)", "layers selected at step 0"]
     parts = [md_table(q_head, quality), md_table(o_head, outliers)]
@@ -157,9 +166,9 @@ def seed_spread(root: Path) -> str:
             continue
         row = [arm, ", ".join(f.name.rsplit("-s", 1)[1] for f in folders)]
         for cell in ("FP", "W4A4 rtn", "W4A4 rotate+rtn", "W6A6 rtn"):
-            v = [_load(f, "quant")["results"][cell]["eval"]["ppl:wiki@128"]["ppl"] for f in folders]
+            v = [_ppl(f, cell) for f in folders]
             row.append(f"{sum(v) / len(v):.4g} [{min(v):.4g}, {max(v):.4g}]")
-        peaks = [_load(f, "diagnose")["severity"]["max_abs"] for f in folders]
+        peaks = [_peak(f) for f in folders]
         row.append(f"{sum(peaks) / len(peaks):.4g} [{min(peaks):.4g}, {max(peaks):.4g}]")
         rows.append(row)
     if not rows:
@@ -177,29 +186,23 @@ def reading(root: Path) -> list[str]:
     if start is None:
         return []
 
-    def ppl(folder, cell):
-        return _load(folder, "quant")["results"][cell]["eval"]["ppl:wiki@128"]["ppl"]
-
-    def peak(folder):
-        return _load(folder, "diagnose")["severity"]["max_abs"]
-
     lines = []
     for name, folder in arms.items():
         seed = name.rsplit("-s", 1)[1]
         base = arms.get(f"adamw-s{seed}")
         if name.startswith("adamw"):
-            lines.append(f"AdamW alone (seed {seed}): FP ppl {fmt(ppl(start, 'FP'))} → {fmt(ppl(folder, 'FP'))}, "
-                         f"W4A4 RTN {fmt(ppl(start, 'W4A4 rtn'))} → {fmt(ppl(folder, 'W4A4 rtn'))}, residual max |x| "
-                         f"{fmt(peak(start))} → {fmt(peak(folder))}.")
+            lines.append(f"AdamW alone (seed {seed}): FP ppl {fmt(_ppl(start, 'FP'))} → {fmt(_ppl(folder, 'FP'))}, "
+                         f"W4A4 RTN {fmt(_ppl(start, 'W4A4 rtn'))} → {fmt(_ppl(folder, 'W4A4 rtn'))}, residual max |x| "
+                         f"{fmt(_peak(start))} → {fmt(_peak(folder))}.")
         if base is None or folder in (base, start):
             continue
-        parts = [f"FP ppl {fmt(ppl(folder, 'FP'))} vs {fmt(ppl(base, 'FP'))}"]
+        parts = [f"FP ppl {fmt(_ppl(folder, 'FP'))} vs {fmt(_ppl(base, 'FP'))}"]
         for cell, label in (("W4A4 rtn", "W4A4 RTN"), ("W4A4 rotate+rtn", "W4A4 rotation"),
                             ("W6A6 rtn", "W6A6 RTN")):
-            parts.append(f"{label} {fmt(ppl(folder, cell))} vs {fmt(ppl(base, cell))} "
-                         f"({ppl(folder, cell) / ppl(base, cell) - 1:+.0%})")
-        change = peak(folder) / peak(base) - 1
-        parts.append(f"residual max |x| {fmt(peak(folder))} vs {fmt(peak(base))} ({change:+.0%})")
+            parts.append(f"{label} {fmt(_ppl(folder, cell))} vs {fmt(_ppl(base, cell))} "
+                         f"({_ppl(folder, cell) / _ppl(base, cell) - 1:+.0%})")
+        change = _peak(folder) / _peak(base) - 1
+        parts.append(f"residual max |x| {fmt(_peak(folder))} vs {fmt(_peak(base))} ({change:+.0%})")
         lines.append(f"{name} against AdamW: " + "; ".join(parts) + ".")
     return lines
 
@@ -270,16 +273,13 @@ def lambda_sweep(root: Path) -> list[dict]:
     if base is None:
         return []
 
-    def ppl(folder, cell):
-        return _load(folder, "quant")["results"][cell]["eval"]["ppl:wiki@128"]["ppl"]
-
     points = []
     for name, lam in LAMBDAS.items():
         folder = arms.get(f"{name}-s0")
         if folder:
-            points.append({"lam": lam, "fp_cost": 100 * (ppl(folder, "FP") / ppl(base, "FP") - 1),
-                           **{c: 100 * (ppl(folder, c) / ppl(base, c) - 1) for c in ("W4A4 rtn", "W4A4 rotate+rtn")},
-                           "max_abs": _load(folder, "diagnose")["severity"]["max_abs"]})
+            points.append({"lam": lam, "fp_cost": 100 * (_ppl(folder, "FP") / _ppl(base, "FP") - 1),
+                           **{c: 100 * (_ppl(folder, c) / _ppl(base, c) - 1) for c in ("W4A4 rtn", "W4A4 rotate+rtn")},
+                           "max_abs": _peak(folder)})
     return sorted(points, key=lambda p: p["lam"])
 
 

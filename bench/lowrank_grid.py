@@ -93,6 +93,8 @@ def reading(root: Path) -> list[str]:
         ev = json.loads(path.read_text())["eval"]
         return (ev["ppl:wiki@128"]["ppl"], sum(ev[t]["acc"] for t in ("analogy-mc", "polarity", "wiki-cloze")) / 3)
 
+    read = {name: cell(name) for name in cells()}  # each cell's metrics.json once
+    cell = read.get
     lines, dense = [], cell("dense")
     for other, label in (("svd", "plain weight SVD"), ("asvd", "whitened weight SVD")):
         pairs = [(cell(f"rom-{k}"), cell(f"{other}-{k}")) for k in KEEPS]
