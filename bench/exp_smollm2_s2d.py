@@ -99,6 +99,16 @@ def _peak(folder: Path) -> float:
     return _load(folder, "diagnose")["severity"]["max_abs"]
 
 
+def _train_seconds(folder: Path, ft: dict | None) -> str:
+    """Fine-tuning wall seconds, with the torch thread count where the run recorded it (not the default 2)."""
+    if not ft:
+        return "0"
+    from s2d.runs import recorded_threads
+
+    threads = recorded_threads(folder / "finetune")
+    return f"{ft['seconds']:.0f}" + (f" ({threads} thread)" if threads == 1 else "")
+
+
 def finished(root: Path) -> dict[str, Path]:
     """Arm folders with every stage measured, the starting model first."""
     done = {p.name: p for p in sorted(root.iterdir())
@@ -130,7 +140,7 @@ def table(root: Path) -> str:
         quality.append([name, ppl["FP"], ppl["W8A8 rtn"], ppl["W6A6 rtn"], ppl["W4A4 rtn"], pt_ppl,
                         ppl["W6A6 rotate+rtn"], ppl["W4A4 rotate+rtn"], ppl["W6A6 smooth+rtn"],
                         ppl["W4A4 smooth+rtn"], ev["polarity"]["acc"], ev["analogy-mc"]["acc"],
-                        round(ft["seconds"]) if ft else 0])
+                        _train_seconds(folder, ft)])
         lin = {x["name"]: x for x in d["linears"]}
         top = [lin[n] for n in sel if n in lin]
         outliers.append([name, d["severity"]["max_abs"], d["severity"]["massive_count"], d["severity"]["sigma1_max"],

@@ -107,6 +107,7 @@ def main() -> None:
 
 def table(root: Path) -> str:
     from s2d.report import md_table
+    from s2d.runs import recorded_threads
 
     rows = []
     for name in ("pretrain-short", "pretrain-long", *ARMS):
@@ -119,9 +120,10 @@ def table(root: Path) -> str:
         refreshes = m.get("refreshes") or []
         rows.append([name, m["steps"], p["FP"], *[p[f"{s} rtn"] for s in SCHEMES], p.get("W4A4 qat-integer"),
                      last.get("max_abs_act"), last.get("sigma_max"),
-                     len(refreshes[0]["selected"]) if refreshes else None, round(m["seconds"])])
+                     len(refreshes[0]["selected"]) if refreshes else None, round(m["seconds"]),
+                     recorded_threads(root / name)])
     return md_table(["model", "steps", "FP acc", *[f"{s} RTN acc" for s in SCHEMES], "W4A4 QAT acc (integer model)",
-                     "max |x| (last batch)", "σ₁ max", "S2D layers selected (step 0)", "train s"], rows)
+                     "max |x| (last batch)", "σ₁ max", "S2D layers selected (step 0)", "train s", "threads"], rows)
 
 
 if __name__ == "__main__":

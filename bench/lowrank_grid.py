@@ -37,6 +37,7 @@ def cells() -> dict[str, list[str]]:
 # Cells whose model is kept and then quantized; plain svd at 80% has already collapsed in full precision
 # (wiki ppl ~5e5), so its quantized figures would say nothing.
 QUANTIZED = ("dense", "asvd-0.8", "rom-0.8")
+QUANT_CELLS = ("FP", "W6A6 rtn", "W6A6 gptq", "W4A4 rtn", "W4A4 gptq")  # the sweep's result keys
 
 
 def command(name: str, args: list[str], root: Path, limit: int) -> list[str]:
@@ -50,6 +51,20 @@ def quant_command(name: str, root: Path) -> list[str]:
             "rtn,gptq", "--eval", "ppl:wiki", "--ppl-tokens", "16384", "--out", str(root / f"{name}-quant")]
 
 
+def quant_done(folder: Path) -> bool:
+    """Whether the sweep in folder measured every cell (an interrupted sweep leaves a partial metrics.json)."""
+    path = folder / "metrics.json"
+    return path.is_file() and set(QUANT_CELLS) <= set(json.loads(path.read_text())["results"])
+
+
+def run_logged(cmd: list[str], log: Path) -> None:
+    """Run one cell with its full output (progress bars included) in its own log, so a long cell shows progress."""
+    t0 = time.perf_counter()
+    with log.open("a") as f:
+        code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode
+    print(f"  -> exit {code} after {time.perf_counter() - t0:.0f} s (output: {log})", flush=True)
+
+
 def quant_table(root: Path) -> str:
     from s2d.report import md_table
 
@@ -58,8 +73,7 @@ def quant_table(root: Path) -> str:
         path = root / f"{name}-quant" / "metrics.json"
         if path.is_file():
             res = json.loads(path.read_text())["results"]
-            rows.append([name, *[res[k]["eval"]["ppl:wiki@128"]["ppl"] if k in res else None
-                                 for k in ("FP", "W6A6 rtn", "W6A6 gptq", "W4A4 rtn", "W4A4 gptq")]])
+            rows.append([name, *[res[k]["eval"]["ppl:wiki@128"]["ppl"] if k in res else None for k in QUANT_CELLS]])
     return md_table(["model", "FP", "W6A6 RTN", "W6A6 GPTQ", "W4A4 RTN", "W4A4 GPTQ"], rows)
 
 
@@ -126,8 +140,7 @@ def quant_reading(root: Path) -> list[str]:
             continue
         res = json.loads(path.read_text())["results"]
         ppl = {k: v["eval"]["ppl:wiki@128"]["ppl"] for k, v in res.items()}
-        ratios = ", ".join(f"{k} ×{ppl[k] / ppl['FP']:.2f}" for k in ("W6A6 rtn", "W6A6 gptq", "W4A4 rtn", "W4A4 gptq")
-                           if k in ppl)
+        ratios = ", ".join(f"{k} ×{ppl[k] / ppl['FP']:.2f}" for k in QUANT_CELLS[1:] if k in ppl)
         lines.append(f"{name}: quantized ppl over its own FP ppl: {ratios}.")
     return lines
 
@@ -147,17 +160,12 @@ def main() -> None:
                 continue
             cmd = command(name, cell_args, args.root, args.limit)
             print(f"[{time.strftime('%H:%M:%S')}] {' '.join(cmd)}", flush=True)
-            t0 = time.perf_counter()
-            proc = subprocess.run([s2d, *cmd[1:]], capture_output=True, text=True)
-            tail = (proc.stdout + proc.stderr).strip().splitlines()[-12:]
-            print("\n".join(line for line in tail if "\r" not in line and "it/s]" not in line), flush=True)
-            print(f"  -> exit {proc.returncode} after {time.perf_counter() - t0:.0f} s", flush=True)
+            run_logged([s2d, *cmd[1:]], args.root / f"{name}.log")
         for name in QUANTIZED if args.quant else ():
-            if (args.root / name / "model").is_dir() and not (args.root / f"{name}-quant" / "metrics.json").is_file():
-                print(f"[{time.strftime('%H:%M:%S')}] {' '.join(quant_command(name, args.root))}", flush=True)
-                proc = subprocess.run([s2d, *quant_command(name, args.root)[1:]], capture_output=True, text=True)
-                print(f"  -> exit {proc.returncode}; {(proc.stdout + proc.stderr).strip().splitlines()[-1:]}",
-                      flush=True)
+            if (args.root / name / "model").is_dir() and not quant_done(args.root / f"{name}-quant"):
+                cmd = quant_command(name, args.root)  # an interrupted sweep resumes cell by cell
+                print(f"[{time.strftime('%H:%M:%S')}] {' '.join(cmd)}", flush=True)
+                run_logged([s2d, *cmd[1:]], args.root / f"{name}-quant.log")
     print(table(args.root))
     print(quant_table(args.root))
 

@@ -96,3 +96,20 @@ def test_atomic_outputs_get_the_usual_permissions(tmp_path):
     finally:
         os.umask(mask)
     assert path.stat().st_mode & 0o777 == 0o644
+
+
+def test_run_folder_records_the_thread_count_its_wall_times_depend_on(tmp_path):
+    import torch
+
+    from s2d.runs import RunFolder, recorded_threads
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        RunFolder(tmp_path / "one", "finetune", {})
+    finally:
+        torch.set_num_threads(before)
+    RunFolder(tmp_path / "default", "finetune", {})
+    assert recorded_threads(tmp_path / "one") == 1
+    assert recorded_threads(tmp_path / "default") == before
+    assert recorded_threads(tmp_path / "missing") is None

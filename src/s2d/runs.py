@@ -22,6 +22,18 @@ def versions() -> dict[str, str]:
             "python": platform.python_version()}
 
 
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def recorded_threads(folder: str | Path) -> int | None:
+    """The torch thread count a run folder recorded (None for folders written before it was recorded)."""
+    path = Path(folder) / "config.yaml"
+    return yaml.safe_load(path.read_text()).get("threads") if path.is_file() else None
+
+
 def default_run_dir(command: str, root: str | Path = "runs") -> Path:
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     return Path(root) / f"{command}-{stamp}"
@@ -35,7 +47,8 @@ class RunFolder:
         self.figures = self.path / "figures"
         self.command = command
         self.config = {"command": command, "argv": sys.argv[1:], "seed": seed, "config": config,
-                       "versions": versions(), "created": _dt.datetime.now().isoformat(timespec="seconds")}
+                       "versions": versions(), "threads": torch_threads(),  # wall times depend on it
+                       "created": _dt.datetime.now().isoformat(timespec="seconds")}
         atomic_write_text(self.path / "config.yaml", yaml.safe_dump(self.config, sort_keys=False))
 
     def write_metrics(self, metrics: dict[str, Any]) -> Path:
