@@ -133,11 +133,9 @@ def table(root: Path) -> str:
     sel = selected_layers(root)
     for name, folder in finished(root).items():
         q = _load(folder, "quant")["results"]
-        pt = _load(folder, "quant-pt")["results"]
         ev, d, ft = _load(folder, "eval")["tasks"], _load(folder, "diagnose"), _load(folder, "finetune")
         ppl = {k: v["eval"]["ppl:wiki@128"]["ppl"] for k, v in q.items()}
-        pt_ppl = next(v["eval"]["ppl:wiki@128"]["ppl"] for k, v in pt.items() if k != "FP")
-        quality.append([name, ppl["FP"], ppl["W8A8 rtn"], ppl["W6A6 rtn"], ppl["W4A4 rtn"], pt_ppl,
+        quality.append([name, ppl["FP"], ppl["W8A8 rtn"], ppl["W6A6 rtn"], ppl["W4A4 rtn"], _per_tensor(folder),
                         ppl["W6A6 rotate+rtn"], ppl["W4A4 rotate+rtn"], ppl["W6A6 smooth+rtn"],
                         ppl["W4A4 smooth+rtn"], ev["polarity"]["acc"], ev["analogy-mc"]["acc"],
                         _train_seconds(folder, ft)])
@@ -206,15 +204,53 @@ def reading(root: Path) -> list[str]:
                          f"{fmt(_peak(start))} → {fmt(_peak(folder))}.")
         if base is None or folder in (base, start):
             continue
-        parts = [f"FP ppl {fmt(_ppl(folder, 'FP'))} vs {fmt(_ppl(base, 'FP'))}"]
-        for cell, label in (("W4A4 rtn", "W4A4 RTN"), ("W4A4 rotate+rtn", "W4A4 rotation"),
-                            ("W6A6 rtn", "W6A6 RTN")):
-            parts.append(f"{label} {fmt(_ppl(folder, cell))} vs {fmt(_ppl(base, cell))} "
-                         f"({_ppl(folder, cell) / _ppl(base, cell) - 1:+.0%})")
-        change = _peak(folder) / _peak(base) - 1
-        parts.append(f"residual max |x| {fmt(_peak(folder))} vs {fmt(_peak(base))} ({change:+.0%})")
-        lines.append(f"{name} against AdamW: " + "; ".join(parts) + ".")
+        lines.append(f"{name} against AdamW: {_against(folder, base)}.")
     return lines
+
+
+def _against(folder: Path, base: Path) -> str:
+    """One arm against another: FP cost, the quantized cells that matter, and the outlier, with changes."""
+    from s2d.report.markdown import fmt
+
+    parts = [f"FP ppl {fmt(_ppl(folder, 'FP'))} vs {fmt(_ppl(base, 'FP'))}"]
+    for cell, label in (("W4A4 rtn", "W4A4 RTN"), ("W4A4 rotate+rtn", "W4A4 rotation"), ("W6A6 rtn", "W6A6 RTN")):
+        parts.append(f"{label} {fmt(_ppl(folder, cell))} vs {fmt(_ppl(base, cell))} "
+                     f"({_ppl(folder, cell) / _ppl(base, cell) - 1:+.0%})")
+    change = _peak(folder) / _peak(base) - 1
+    parts.append(f"residual max |x| {fmt(_peak(folder))} vs {fmt(_peak(base))} ({change:+.0%})")
+    return "; ".join(parts)
+
+
+# Each lever the experiment turns, as (lever, the arm without it, the arm with it): one setting changed.
+LEVERS = [
+    ("selection: τ 0.95 over all rows' PCDR → τ 0.8 over the outlier rows'", "s2d-decoupled",
+     "s2d-decoupled-outliers"),
+    ("form: decoupled (λ 2) → coupled through Adam (λ 5e-4)", "s2d-decoupled", "s2d-coupled"),
+    ("norm gains folded into the spectra", "s2d-decoupled", "s2d-decoupled-fold"),
+    ("λ 2 → 0.5", "s2d-decoupled-outliers", "s2d-decoupled-outliers-lam0.5"),
+    ("λ 2 → 8", "s2d-decoupled-outliers", "s2d-decoupled-outliers-lam8"),
+    ("S2D → spectral-norm regularization", "s2d-decoupled-outliers", "specnorm"),
+    ("S2D → KURE", "s2d-decoupled-outliers", "kure"),
+]
+
+
+def levers(root: Path) -> list[str]:
+    """Each lever whose two arms finished (seed 0): the arm with it against the arm without it."""
+    from s2d.report.markdown import fmt
+
+    arms = finished(root)
+    lines = [f"{lever} (`{b}` against `{a}`): {_against(arms[f'{b}-s0'], arms[f'{a}-s0'])}."
+             for lever, a, b in LEVERS if f"{a}-s0" in arms and f"{b}-s0" in arms]
+    per_tensor = [f"{name} {fmt(_ppl(f, 'W4A4 rtn'))} → {fmt(_per_tensor(f))}" for name, f in arms.items()
+                  if name.endswith("-s0")]
+    if per_tensor:
+        lines.append("activation granularity, W4A4 RTN per-token → per-tensor: " + ", ".join(per_tensor) + ".")
+    return lines
+
+
+def _per_tensor(folder: Path) -> float:
+    res = _load(folder, "quant-pt")["results"]
+    return next(v["eval"]["ppl:wiki@128"]["ppl"] for k, v in res.items() if k != "FP")
 
 
 def figures(root: Path, out: Path) -> list[tuple[str, str]]:
@@ -313,6 +349,7 @@ def main() -> None:
             arm(name, args, args.root)
     print(table(args.root))
     print("\n".join(reading(args.root)))
+    print("\n".join(levers(args.root)))
     if args.figures:
         for file, caption in figures(args.root, args.figures):
             print(f"wrote {args.figures / file}: {caption}")

@@ -350,6 +350,11 @@ def experiments(r: Results) -> None:
                        if (a := n.rsplit("-s", 1)[0]) in exp_smollm2_s2d.ARMS) + ".", True)
     r.text(exp_smollm2_s2d.table(root), True)
     r.text("\n".join(f"- {line}" for line in exp_smollm2_s2d.reading(root)), True)
+    levers = exp_smollm2_s2d.levers(root)
+    if levers:
+        r.text("**Levers**, one setting changed at a time (seed 0; every arm 100 steps, every Linear eligible, "
+               "the selection rule decides which are decayed; steps and targets were not varied):")
+        r.text("\n".join(f"- {line}" for line in levers))
     r.text("For reference, **the paper's figures (theirs, not measured here)**: SigLIP2-B on ImageNet-1k top-1, "
            "AdamW vs AdamW+S2D, quoted from SPEC §2:")
     r.text(md_table(["setting (paper)", "AdamW", "AdamW+S2D"], PAPER_S2D))
