@@ -373,10 +373,22 @@ def vision(r: Results) -> None:
     r.quote("python bench/exp_vit.py   # --table reprints the table", True)
     r.text(f"Pre-training from a seeded random ViT (6 blocks, d=128, 7×7 patches), batch {exp_vit.BATCH}: "
            "`pretrain-short` is 1 epoch, `pretrain-long` 20; the fine-tunes start from `pretrain-long` under a "
-           "new learning rate for 1 epoch. Accuracy on the 10,000 test images; PTQ is RTN with per-channel "
+           "new learning rate for 1 epoch, with the seed in the arm's name drawing the batches. Accuracy on "
+           "the 10,000 test images; PTQ is RTN with per-channel "
            "weights and per-token activations; QAT trains with W4A4 fake quantization and is scored as its "
            "saved integer model.", True)
+    sel = root / "selection.json"
+    if sel.is_file():
+        chosen = json.loads(sel.read_text())
+        r.text(f"S2D's τ, chosen on `pretrain-long` before any fine-tune as the largest of {list(exp_vit.TAUS)} that "
+               "selects a Linear (PCDR over the outlier rows, one training batch; if none does, S2D decays the top "
+               f"components of every Linear): the S2D arms ran with `{chosen['reg_option']}`. Linears selected per "
+               "τ: " + ", ".join(f"{t}: {len(n)}" for t, n in chosen["selected"].items())
+               + f"; the largest PCDR₁ of any Linear was {chosen['max_pcdr1']:.3f}.")
     r.text(exp_vit.table(root), True)
+    r.text("\n".join(f"- {line}" for line in exp_vit.reading(root)), True)
+    for file, caption in exp_vit.figures(root, DOCS / "figures"):
+        r.text(f"![{caption}](figures/{file})\n\n*{caption}*")
     compare = root / "compare"
     if (compare / "metrics.json").is_file():
         sev = json.loads((compare / "metrics.json").read_text())["severity"]
