@@ -79,21 +79,22 @@ def quant_table(root: Path) -> str:
 
 def table(root: Path) -> str:
     from s2d.report import md_table
+    from s2d.runs import recorded_threads
 
     rows = []
     for name in cells():
         path = root / name / "metrics.json"
         if not path.is_file():
-            rows.append((name, "pending", *[""] * 8))
+            rows.append((name, "pending", *[""] * 9))
             continue
         m = json.loads(path.read_text())
         s, ev = m["compression"]["summary"], m["eval"]
         accs = [ev[t]["acc"] for t in ("analogy-mc", "polarity", "wiki-cloze")]
         rows.append((name, round(s["fraction_kept"], 4), round(s["block_linear_fraction_kept"], 4),
                      round(ev["ppl:wiki@128"]["ppl"], 2), *[round(a, 3) for a in accs], round(sum(accs) / 3, 3),
-                     round(m["compression"]["seconds"])))
+                     round(m["compression"]["seconds"]), recorded_threads(root / name) or ""))
     return md_table(["cell", "params kept", "block-Linear params kept", "wiki test ppl@128", "analogy-mc acc",
-                     "polarity acc", "wiki-cloze acc", "mean acc", "compress wall s"], rows)
+                     "polarity acc", "wiki-cloze acc", "mean acc", "compress wall s", "threads"], rows)
 
 
 def reading(root: Path) -> list[str]:

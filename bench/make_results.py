@@ -216,8 +216,9 @@ def lowrank(r: Results) -> None:
         r.text("Calibration 512×128 wiki-train tokens; wiki-test ppl@128 on the first 16,384 tokens; zero-shot "
                "tasks on their first 500 examples (polarity has 200); `rom+search` is the perplexity search "
                "(16×128 wiki-validation tokens, tolerance 1.005 per layer) stopped at the keep target. The compress "
-               "times are wall times of a serial queue that at times shared the 2 cores with other work: a "
-               "guide, not a benchmark (rom's cost is benchmarked below).", True)
+               "times are wall times of a queue that at times shared the 2 cores with other work, at the torch "
+               "thread count shown (blank: the default, 2): a guide, not a benchmark (rom's cost is benchmarked "
+               "below).", True)
         r.text(lowrank_grid.table(root), True)
         r.text("\n".join(f"- {line}" for line in lowrank_grid.reading(root)), True)
         if any((root / f"{name}-quant" / "metrics.json").is_file() for name in lowrank_grid.QUANTIZED):
