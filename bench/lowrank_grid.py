@@ -4,8 +4,8 @@ Each cell is one `s2d compress` command with its own run folder under --root; a 
 exists is skipped, so the script resumes after an interruption. At the end (or with --table) it prints the
 Markdown table of wiki test perplexity and zero-shot accuracy read from the cells' metrics.json.
 
-The 80% cells keep their model, and `--quant` then runs `s2d quantize --sweep` (W6A6 / W4A4 with RTN
-and GPTQ) on each of them: does a low-rank model quantize better or worse than the dense one?
+The 80% cells keep their model, and `--quant` then runs `s2d quantize --sweep` (W6A6 / W4A4 with RTN,
+GPTQ and rotation + GPTQ) on each of them: does a low-rank model quantize better or worse than the dense one?
 
 Usage: python bench/lowrank_grid.py [--root runs/lowrank-grid] [--table] [--only CELL ...] [--limit 500] [--quant]
 """
@@ -37,7 +37,8 @@ def cells() -> dict[str, list[str]]:
 # Cells whose model is kept and then quantized; plain svd at 80% has already collapsed in full precision
 # (wiki ppl ~5e5), so its quantized figures would say nothing.
 QUANTIZED = ("dense", "asvd-0.8", "rom-0.8")
-QUANT_CELLS = ("FP", "W6A6 rtn", "W6A6 gptq", "W4A4 rtn", "W4A4 gptq")  # the sweep's result keys
+QUANT_METHODS = ("rtn", "gptq", "rotate+gptq")  # rotation: the one baseline that keeps A4 usable on SmolLM2
+QUANT_CELLS = ("FP", *(f"{s} {m}" for s in ("W6A6", "W4A4") for m in QUANT_METHODS))  # the sweep's result keys
 
 
 def command(name: str, args: list[str], root: Path, limit: int) -> list[str]:
@@ -48,7 +49,8 @@ def command(name: str, args: list[str], root: Path, limit: int) -> list[str]:
 
 def quant_command(name: str, root: Path) -> list[str]:
     return ["s2d", "quantize", str(root / name / "model"), "--sweep", "--schemes", "W6A6,W4A4", "--methods",
-            "rtn,gptq", "--eval", "ppl:wiki", "--ppl-tokens", "16384", "--out", str(root / f"{name}-quant")]
+            ",".join(QUANT_METHODS), "--eval", "ppl:wiki", "--ppl-tokens", "16384", "--out",
+            str(root / f"{name}-quant")]
 
 
 def quant_done(folder: Path) -> bool:
@@ -74,7 +76,7 @@ def quant_table(root: Path) -> str:
         if path.is_file():
             res = json.loads(path.read_text())["results"]
             rows.append([name, *[res[k]["eval"]["ppl:wiki@128"]["ppl"] if k in res else None for k in QUANT_CELLS]])
-    return md_table(["model", "FP", "W6A6 RTN", "W6A6 GPTQ", "W4A4 RTN", "W4A4 GPTQ"], rows)
+    return md_table(["model", *QUANT_CELLS], rows)
 
 
 def table(root: Path) -> str:
@@ -133,16 +135,34 @@ def reading(root: Path) -> list[str]:
 
 
 def quant_reading(root: Path) -> list[str]:
-    """How much each kept 80% model loses to quantization, against the dense model: ratios to its own FP."""
-    lines = []
+    """How much each kept 80% model loses to quantization, against the dense model: ratios to its own FP, then
+    per cell whether the low-rank models lose relatively less than dense, and whether they still end worse."""
+    from s2d.report.markdown import fmt
+
+    ppl = {}
     for name in QUANTIZED:
         path = root / f"{name}-quant" / "metrics.json"
-        if not path.is_file():
+        if path.is_file():
+            res = json.loads(path.read_text())["results"]
+            ppl[name] = {k: v["eval"]["ppl:wiki@128"]["ppl"] for k, v in res.items()}
+    lines = [f"{name}: quantized ppl over its own FP ppl: "
+             + ", ".join(f"{k} ×{p[k] / p['FP']:.2f}" for k in QUANT_CELLS[1:] if k in p) + "."
+             for name, p in ppl.items()]
+    dense = ppl.get("dense")
+    if dense is None:
+        return lines
+    for cell in QUANT_CELLS[1:]:
+        low = {n: p for n, p in ppl.items() if n != "dense" and cell in p}
+        if cell not in dense or not low:
             continue
-        res = json.loads(path.read_text())["results"]
-        ppl = {k: v["eval"]["ppl:wiki@128"]["ppl"] for k, v in res.items()}
-        ratios = ", ".join(f"{k} ×{ppl[k] / ppl['FP']:.2f}" for k in QUANT_CELLS[1:] if k in ppl)
-        lines.append(f"{name}: quantized ppl over its own FP ppl: {ratios}.")
+        less = [n for n, p in low.items() if p[cell] / p["FP"] < dense[cell] / dense["FP"]]
+        better = [n for n, p in low.items() if p[cell] < dense[cell]]
+        lines.append(f"{cell}: {len(less)} of {len(low)} low-rank models lose relatively less than dense "
+                     f"({', '.join(less) or 'none'}); in absolute perplexity {len(better)} of {len(low)} end below "
+                     f"dense's {fmt(dense[cell])} ({', '.join(f'{n} {fmt(p[cell])}' for n, p in low.items())})"
+                     + (f"; every model is broken here (ppl ≥ {fmt(worst)}, over 100× dense FP), so this ordering "
+                        "carries little" if (worst := min(p[cell] for p in ppl.values() if cell in p))
+                        > 100 * dense["FP"] else "") + ".")
     return lines
 
 

@@ -42,12 +42,17 @@ def fold_norm_gains(desc: ModelDescription) -> list[str]:
     return folded
 
 
-def _fold_into(linear: nn.Linear, gain: torch.Tensor, shift: torch.Tensor | None) -> None:
-    # W·(g⊙x̂ + β) + b  ==  (W·diag(g))·x̂ + (W·β + b)
-    weight = linear.weight.double()
+def _fold_into(linear: nn.Module, gain: torch.Tensor, shift: torch.Tensor | None) -> None:
+    # W·(g⊙x̂ + β) + b  ==  (W·diag(g))·x̂ + (W·β + b). A low-rank pair (W = B·A, see
+    # s2d.lowrank.FactorizedLinear.input_linear) takes the gain on A's columns and W·β on B's bias.
+    reader = getattr(linear, "input_linear", linear)
+    writer = getattr(linear, "output_linear", linear)
+    weight = reader.weight.double()
     if shift is not None:
         extra = weight @ shift.double()
-        if linear.bias is None:
-            linear.bias = nn.Parameter(torch.zeros(linear.out_features, dtype=linear.weight.dtype))
-        linear.bias.add_(extra.to(linear.bias.dtype))
-    linear.weight.copy_((weight * gain).to(linear.weight.dtype))
+        if writer is not reader:
+            extra = writer.weight.double() @ extra
+        if writer.bias is None:
+            writer.bias = nn.Parameter(torch.zeros(writer.out_features, dtype=writer.weight.dtype))
+        writer.bias.add_(extra.to(writer.bias.dtype))
+    reader.weight.copy_((weight * gain).to(reader.weight.dtype))

@@ -68,6 +68,17 @@ class FactorizedLinear(nn.Module):
     def has_bias(self) -> bool:
         return self.B.bias is not None
 
+    # Weight rewrites that touch only one side of a layer (norm folding and rotation turn the input side of the
+    # Linears that read the residual stream and the output side of those that write it) find the Linear to
+    # turn through these two names, so they work on a low-rank pair without knowing its class.
+    @property
+    def input_linear(self) -> nn.Linear:
+        return self.A
+
+    @property
+    def output_linear(self) -> nn.Linear:
+        return self.B
+
     def num_parameters(self) -> int:
         return factorized_params(self.rank, self.in_features, self.out_features, self.has_bias)
 

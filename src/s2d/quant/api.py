@@ -139,9 +139,9 @@ def _check_inputs(model: nn.Module, config: QuantConfig, calib: CalibBatch | Non
         require_calib(calib, "SmoothQuant (to measure activation ranges)")
     if config.rotate:
         check_rotatable(model)
-    if config.rotate or config.smooth_alpha is not None:
+    if config.smooth_alpha is not None:  # rotation turns a low-rank pair's two sides; SmoothQuant cannot yet
         low_rank = composite_targets(model, describe(model).is_target)
         if low_rank:
-            raise S2DError(f"rotation and SmoothQuant rewrite dense weights, but {low_rank[0]} (and "
-                           f"{len(low_rank) - 1} more) is a low-rank pair: quantize a low-rank model with RTN or "
-                           "GPTQ alone, or apply the baseline before compressing")
+            raise S2DError(f"SmoothQuant rescales dense weights, but {low_rank[0]} (and {len(low_rank) - 1} more) "
+                           "is a low-rank pair: quantize a low-rank model with rotation, RTN or GPTQ, or apply "
+                           "SmoothQuant before compressing")

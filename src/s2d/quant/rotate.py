@@ -182,18 +182,26 @@ def rotate_model(model: nn.Module, seed: int = 0) -> nn.Module:
     q = random_rotation(d, seed).double()  # applied factor by factor: W Q costs O(n (m + 2^k)) per row
     _turn(embed, right=q)
     for block in desc.blocks:
+        # A low-rank pair (W = B·A) is turned on A's input side and on B's output side (`input_linear`,
+        # `output_linear`); the online rotation goes in front of A.
         for lin in block.linears:
             if lin.role in RESIDUAL_WRITERS:
-                _turn(lin.module, left=q)
+                _turn(getattr(lin.module, "output_linear", lin.module), left=q)
             elif any(lin.role in roles for roles in NORM_FEEDS.values()):
-                _turn(lin.module, right=q)
+                _turn(getattr(lin.module, "input_linear", lin.module), right=q)
         for lin in block.linears:
             if lin.role in MLP_HIDDEN_READERS:
                 online = random_rotation(lin.module.in_features, seed + 1 + lin.block)
-                set_module(model, lin.name, _rotated_copy(lin.module, online))
+                reader = getattr(lin.module, "input_linear", lin.module)
+                name = lin.name if reader is lin.module else f"{lin.name}.{_child_name(lin.module, reader)}"
+                set_module(model, name, _rotated_copy(reader, online))
     if head is not None:
         _turn(head, right=q)
     return model
+
+
+def _child_name(parent: nn.Module, child: nn.Module) -> str:
+    return next(name for name, m in parent.named_children() if m is child)
 
 
 def _turn(module: nn.Module, left: Rotation | None = None, right: Rotation | None = None) -> None:
