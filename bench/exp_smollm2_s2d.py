@@ -213,7 +213,8 @@ def _against(folder: Path, base: Path) -> str:
     from s2d.report.markdown import fmt
 
     parts = [f"FP ppl {fmt(_ppl(folder, 'FP'))} vs {fmt(_ppl(base, 'FP'))}"]
-    for cell, label in (("W4A4 rtn", "W4A4 RTN"), ("W4A4 rotate+rtn", "W4A4 rotation"), ("W6A6 rtn", "W6A6 RTN")):
+    for cell, label in (("W4A4 rtn", "W4A4 RTN"), ("W4A4 rotate+rtn", "W4A4 rotation"),
+                        ("W4A4 smooth+rtn", "W4A4 SmoothQuant"), ("W6A6 rtn", "W6A6 RTN")):
         parts.append(f"{label} {fmt(_ppl(folder, cell))} vs {fmt(_ppl(base, cell))} "
                      f"({_ppl(folder, cell) / _ppl(base, cell) - 1:+.0%})")
     change = _peak(folder) / _peak(base) - 1
