@@ -173,7 +173,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=80)
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--root", type=Path, default=Path("runs/exp-minilm"))
-    ap.add_argument("--table", action="store_true", help="only summarize the finished runs")
+    ap.add_argument("--table", action="store_true", help="only summarize the finished runs (and rewrite the JSON)")
     args = ap.parse_args()
     args.root.mkdir(parents=True, exist_ok=True)
     if not args.table:
@@ -190,11 +190,10 @@ def main() -> None:
                         subprocess.run([exe, *cmd[1:]], check=True, stdout=f, stderr=subprocess.STDOUT)
                 (folder / "ptq.json").write_text(json.dumps(ptq(folder, seed)))
     s = summary(args.root)
-    s["command"] = "python bench/exp_minilm_polarity.py " + " ".join(sys.argv[1:])
+    s["command"] = "python bench/exp_minilm_polarity.py " + " ".join(a for a in sys.argv[1:] if a != "--table")
     s["steps"], s["lr"] = args.steps, args.lr
-    if not args.table:
-        OUT.parent.mkdir(parents=True, exist_ok=True)
-        OUT.write_text(json.dumps(s, indent=1))
+    OUT.parent.mkdir(parents=True, exist_ok=True)  # --table re-summarizes what finished
+    OUT.write_text(json.dumps(s, indent=1))
     print(table(s))
 
 

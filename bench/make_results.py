@@ -119,7 +119,7 @@ def diagnose(r: Results) -> None:
                f"{fmt(sm['mean_kurtosis'])}): it averages over Linears, and most of the more heavily trained "
                "model's Linears are tame while a few carry the extreme values. These are two different models "
                "(a decoder LM and a post-norm sentence encoder), not two stages of one pre-training; the "
-               "same-model miniature of 'outliers grow with pre-training' needs the ViT checkpoints (pending).",
+               "same-model miniature of 'outliers grow with pre-training' is the ViT of Experiment 2 below.",
                True)
     b = r.load(Path("bench/out/diagnose_memory.json"))
     if b:
