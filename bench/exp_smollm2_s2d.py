@@ -95,6 +95,12 @@ def _ppl(folder: Path, cell: str, stage: str = "quant") -> float:
     return _load(folder, stage)["results"][cell]["eval"]["ppl:wiki@128"]["ppl"]
 
 
+def _cell(folder: Path, cell: str, stage: str) -> float | None:
+    """Like _ppl, or None while a resumable sweep has not reached the cell."""
+    res = (_load(folder, stage) or {}).get("results", {})
+    return res[cell]["eval"]["ppl:wiki@128"]["ppl"] if cell in res else None
+
+
 def _peak(folder: Path) -> float:
     return _load(folder, "diagnose")["severity"]["max_abs"]
 
@@ -148,16 +154,18 @@ def table(root: Path) -> str:
                          len(ft["refreshes"][0]["selected"]) if ft and ft.get("refreshes") else 0])
     q_head = ["arm", "FP ppl", "W8A8", "W6A6", "W4A4", "W4A4 per-tensor A", "W6A6 rot", "W4A4 rot", "W6A6 smooth",
               "W4A4 smooth", "polarity (FP)", "analogy (FP)", "train s"]
-    gptq = [[name, *[_ppl(f, f"{s} gptq", "quant-gptq") for s in SCHEMES.split(",")]]
-            for name, f in finished(root).items() if _load(f, "quant-gptq")]
+    gptq = [[name, *[_cell(f, f"{s} gptq", "quant-gptq") for s in SCHEMES.split(",")]]
+            for name, f in finished(root).items() if _load(f, "quant-gptq")]  # '-': that cell is still to run
     o_head = ["arm", "residual max |x|", "massive entries", "σ₁ max (all)", f"max |x| out of the {len(sel)} "
               "selected", "σ₁ max (selected)", "mean PCDR₁ (selected)", "layers selected at step 0"]
     parts = [md_table(q_head, quality), md_table(o_head, outliers)]
     if gptq:
-        parts.append(md_table(["arm", *[f"{s} GPTQ" for s in SCHEMES.split(",")]], gptq))
+        parts.append("With GPTQ weights (`--gptq`; per-token activations; '-' marks a cell the resumable stage has "
+                     "not reached yet):\n\n" + md_table(["arm", *[f"{s} GPTQ" for s in SCHEMES.split(",")]], gptq))
     spread = seed_spread(root)
     if spread:
-        parts.append(spread)
+        parts.append("Spread over seeds (mean [min, max]; each seed draws the batches of every arm it names):\n\n"
+                     + spread)
     return "\n\n".join(parts)
 
 
