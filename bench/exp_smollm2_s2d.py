@@ -90,13 +90,8 @@ def _load(folder: Path, stage: str) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _ppl(folder: Path, cell: str, stage: str = "quant") -> float:
-    """Wiki-test perplexity of one quantized cell of an arm."""
-    return _load(folder, stage)["results"][cell]["eval"]["ppl:wiki@128"]["ppl"]
-
-
-def _cell(folder: Path, cell: str, stage: str) -> float | None:
-    """Like _ppl, or None while a resumable sweep has not reached the cell."""
+def _ppl(folder: Path, cell: str, stage: str = "quant") -> float | None:
+    """Wiki-test perplexity of one quantized cell of an arm; None while a resumable sweep has not reached it."""
     res = (_load(folder, stage) or {}).get("results", {})
     return res[cell]["eval"]["ppl:wiki@128"]["ppl"] if cell in res else None
 
@@ -154,7 +149,7 @@ def table(root: Path) -> str:
                          len(ft["refreshes"][0]["selected"]) if ft and ft.get("refreshes") else 0])
     q_head = ["arm", "FP ppl", "W8A8", "W6A6", "W4A4", "W4A4 per-tensor A", "W6A6 rot", "W4A4 rot", "W6A6 smooth",
               "W4A4 smooth", "polarity (FP)", "analogy (FP)", "train s"]
-    gptq = [[name, *[_cell(f, f"{s} gptq", "quant-gptq") for s in SCHEMES.split(",")]]
+    gptq = [[name, *[_ppl(f, f"{s} gptq", "quant-gptq") for s in SCHEMES.split(",")]]
             for name, f in finished(root).items() if _load(f, "quant-gptq")]  # '-': that cell is still to run
     o_head = ["arm", "residual max |x|", "massive entries", "σ₁ max (all)", f"max |x| out of the {len(sel)} "
               "selected", "σ₁ max (selected)", "mean PCDR₁ (selected)", "layers selected at step 0"]

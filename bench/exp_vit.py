@@ -178,12 +178,9 @@ def reading(root: Path) -> list[str]:
         lines.append(f"Pre-training 1 → 20 epochs: max |x| ×{long['max_abs'] / short['max_abs']:.1f} "
                      f"({short['max_abs']:.3g} → {long['max_abs']:.3g}), largest σ₁ "
                      f"×{long['sigma1_max'] / short['sigma1_max']:.1f}; the W4A4 RTN accuracy gap goes from "
-                     f"{gap['pretrain-short']:.2f} to {gap['pretrain-long']:.2f} points. Outliers grow with "
-                     "pre-training here too, but at this size they do not break per-token A4, which leaves S2D "
-                     "little to recover." if gap["pretrain-long"] < 2 else
-                     f"Pre-training 1 → 20 epochs: max |x| ×{long['max_abs'] / short['max_abs']:.1f}, largest σ₁ "
-                     f"×{long['sigma1_max'] / short['sigma1_max']:.1f}; the W4A4 RTN accuracy gap goes from "
-                     f"{gap['pretrain-short']:.2f} to {gap['pretrain-long']:.2f} points.")
+                     f"{gap['pretrain-short']:.2f} to {gap['pretrain-long']:.2f} points."
+                     + (" Outliers grow with pre-training here too, but at this size they do not break per-token "
+                        "A4, which leaves S2D little to recover." if gap["pretrain-long"] < 2 else ""))
     seeds = sorted({n.rsplit("-s", 1)[1] for n in names}, key=int)
     for with_s2d, without, cells in (("ft-s2d", "ft-adamw", ("FP", "W6A6 rtn", "W4A4 rtn")),
                                      ("qat-s2d", "qat-adamw", ("W4A4 qat-integer",))):

@@ -70,13 +70,19 @@ def run_logged(cmd: list[str], log: Path) -> None:
 def quant_table(root: Path) -> str:
     from s2d.report import md_table
 
-    rows = []
+    rows = [[name, *[ppl.get(k) for k in QUANT_CELLS]] for name, ppl in quant_ppl(root).items()]
+    return md_table(["model", *QUANT_CELLS], rows)
+
+
+def quant_ppl(root: Path) -> dict[str, dict[str, float]]:
+    """Per quantized model whose sweep has started: wiki-test perplexity by cell ("FP", "W4A4 gptq", ...)."""
+    out = {}
     for name in QUANTIZED:
         path = root / f"{name}-quant" / "metrics.json"
         if path.is_file():
             res = json.loads(path.read_text())["results"]
-            rows.append([name, *[res[k]["eval"]["ppl:wiki@128"]["ppl"] if k in res else None for k in QUANT_CELLS]])
-    return md_table(["model", *QUANT_CELLS], rows)
+            out[name] = {k: v["eval"]["ppl:wiki@128"]["ppl"] for k, v in res.items()}
+    return out
 
 
 def table(root: Path) -> str:
@@ -139,12 +145,7 @@ def quant_reading(root: Path) -> list[str]:
     per cell whether the low-rank models lose relatively less than dense, and whether they still end worse."""
     from s2d.report.markdown import fmt
 
-    ppl = {}
-    for name in QUANTIZED:
-        path = root / f"{name}-quant" / "metrics.json"
-        if path.is_file():
-            res = json.loads(path.read_text())["results"]
-            ppl[name] = {k: v["eval"]["ppl:wiki@128"]["ppl"] for k, v in res.items()}
+    ppl = quant_ppl(root)
     lines = [f"{name}: quantized ppl over its own FP ppl: "
              + ", ".join(f"{k} ×{p[k] / p['FP']:.2f}" for k in QUANT_CELLS[1:] if k in p) + "."
              for name, p in ppl.items()]

@@ -22,12 +22,6 @@ def versions() -> dict[str, str]:
             "python": platform.python_version()}
 
 
-def torch_threads() -> int:
-    import torch
-
-    return torch.get_num_threads()
-
-
 def recorded_threads(folder: str | Path) -> int | None:
     """The torch thread count a run folder recorded (None for folders written before it was recorded)."""
     path = Path(folder) / "config.yaml"
@@ -43,11 +37,13 @@ class RunFolder:
     """One command's outputs. Create it before long work so an unwritable folder fails fast."""
 
     def __init__(self, path: str | Path, command: str, config: dict[str, Any], seed: int | None = None):
+        import torch
+
         self.path = ensure_writable_dir(path)
         self.figures = self.path / "figures"
         self.command = command
         self.config = {"command": command, "argv": sys.argv[1:], "seed": seed, "config": config,
-                       "versions": versions(), "threads": torch_threads(),  # wall times depend on it
+                       "versions": versions(), "threads": torch.get_num_threads(),  # wall times depend on it
                        "created": _dt.datetime.now().isoformat(timespec="seconds")}
         atomic_write_text(self.path / "config.yaml", yaml.safe_dump(self.config, sort_keys=False))
 

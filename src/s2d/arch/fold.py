@@ -42,11 +42,22 @@ def fold_norm_gains(desc: ModelDescription) -> list[str]:
     return folded
 
 
+def input_side(module: nn.Module) -> nn.Linear:
+    """The Linear that reads `module`'s input: itself, or A of a low-rank pair (W = B·A), which names it
+    `input_linear` (s2d.lowrank.FactorizedLinear). Weight rewrites that turn one side of a layer (norm folding,
+    rotation) use this and `output_side`, so they work on a pair without knowing its class."""
+    return getattr(module, "input_linear", module)
+
+
+def output_side(module: nn.Module) -> nn.Linear:
+    """The Linear that writes `module`'s output: itself, or B of a low-rank pair (`output_linear`)."""
+    return getattr(module, "output_linear", module)
+
+
 def _fold_into(linear: nn.Module, gain: torch.Tensor, shift: torch.Tensor | None) -> None:
-    # W·(g⊙x̂ + β) + b  ==  (W·diag(g))·x̂ + (W·β + b). A low-rank pair (W = B·A, see
-    # s2d.lowrank.FactorizedLinear.input_linear) takes the gain on A's columns and W·β on B's bias.
-    reader = getattr(linear, "input_linear", linear)
-    writer = getattr(linear, "output_linear", linear)
+    # W·(g⊙x̂ + β) + b  ==  (W·diag(g))·x̂ + (W·β + b). A low-rank pair takes the gain on A's columns and
+    # W·β = B·(A·β) on B's bias.
+    reader, writer = input_side(linear), output_side(linear)
     weight = reader.weight.double()
     if shift is not None:
         extra = weight @ shift.double()

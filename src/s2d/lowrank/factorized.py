@@ -68,9 +68,7 @@ class FactorizedLinear(nn.Module):
     def has_bias(self) -> bool:
         return self.B.bias is not None
 
-    # Weight rewrites that touch only one side of a layer (norm folding and rotation turn the input side of the
-    # Linears that read the residual stream and the output side of those that write it) find the Linear to
-    # turn through these two names, so they work on a low-rank pair without knowing its class.
+    # The two sides a one-sided weight rewrite turns (s2d.arch.fold.input_side / output_side).
     @property
     def input_linear(self) -> nn.Linear:
         return self.A

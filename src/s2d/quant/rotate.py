@@ -29,6 +29,7 @@ from torch.nn import functional as F
 
 from s2d.arch import describe, fold_norm_gains
 from s2d.arch.families import MLP_HIDDEN_READERS, NORM_FEEDS, RESIDUAL_WRITERS
+from s2d.arch.fold import input_side, output_side
 from s2d.errors import S2DError
 from s2d.quant.swap import set_module
 
@@ -182,17 +183,17 @@ def rotate_model(model: nn.Module, seed: int = 0) -> nn.Module:
     q = random_rotation(d, seed).double()  # applied factor by factor: W Q costs O(n (m + 2^k)) per row
     _turn(embed, right=q)
     for block in desc.blocks:
-        # A low-rank pair (W = B·A) is turned on A's input side and on B's output side (`input_linear`,
-        # `output_linear`); the online rotation goes in front of A.
+        # A low-rank pair (W = B·A) is turned on A's input side and on B's output side; the online rotation
+        # goes in front of A.
         for lin in block.linears:
             if lin.role in RESIDUAL_WRITERS:
-                _turn(getattr(lin.module, "output_linear", lin.module), left=q)
+                _turn(output_side(lin.module), left=q)
             elif any(lin.role in roles for roles in NORM_FEEDS.values()):
-                _turn(getattr(lin.module, "input_linear", lin.module), right=q)
+                _turn(input_side(lin.module), right=q)
         for lin in block.linears:
             if lin.role in MLP_HIDDEN_READERS:
                 online = random_rotation(lin.module.in_features, seed + 1 + lin.block)
-                reader = getattr(lin.module, "input_linear", lin.module)
+                reader = input_side(lin.module)
                 name = lin.name if reader is lin.module else f"{lin.name}.{_child_name(lin.module, reader)}"
                 set_module(model, name, _rotated_copy(reader, online))
     if head is not None:
