@@ -257,8 +257,9 @@ def _per_tensor(folder: Path) -> float:
     return next(v["eval"]["ppl:wiki@128"]["ppl"] for k, v in res.items() if k != "FP")
 
 
-def figures(root: Path, out: Path) -> list[tuple[str, str]]:
-    """Per-block max|x| by arm, σ over training steps, and the W4A4 gap; returns (file, caption)."""
+def figures(root: Path, out: Path, prefix: str = "exp-smollm2") -> list[tuple[str, str]]:
+    """Per-block max|x| by arm, σ over training steps, and the W4A4 gap; returns (file, caption). Files are
+    named <prefix>-max.png etc., so two runs of the experiment can sit side by side in one folder."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -275,7 +276,7 @@ def figures(root: Path, out: Path) -> list[tuple[str, str]]:
         ax.plot([r["block"] for r in res], [r["max_abs"] for r in res], marker=".", label=name)
     ax.set(yscale="log", xlabel="block", ylabel="residual max |x|", title="SmolLM2: max |x| per block, by arm")
     ax.legend(fontsize=7)
-    made.append((save_figure(fig, out / "exp-smollm2-max.png").name, "Residual-stream max |x| per block, by arm"))
+    made.append((save_figure(fig, out / f"{prefix}-max.png").name, "Residual-stream max |x| per block, by arm"))
 
     fig, ax = plt.subplots(figsize=(7, 3.6), dpi=110)
     for name, folder in arms.items():
@@ -284,7 +285,7 @@ def figures(root: Path, out: Path) -> list[tuple[str, str]]:
             ax.plot([h["step"] for h in ft["history"]], [h["sigma_max"] for h in ft["history"]], label=name)
     ax.set(xlabel="step", ylabel="largest σ₁ over all Linears", title="σ₁ over training steps")
     ax.legend(fontsize=7)
-    made.append((save_figure(fig, out / "exp-smollm2-sigma.png").name, "Largest σ₁ of SmolLM2's Linears over steps"))
+    made.append((save_figure(fig, out / f"{prefix}-sigma.png").name, "Largest σ₁ of SmolLM2's Linears over steps"))
 
     fig, ax = plt.subplots(figsize=(7, 3.6), dpi=110)
     names = list(arms)
@@ -297,7 +298,7 @@ def figures(root: Path, out: Path) -> list[tuple[str, str]]:
     ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=7)
     ax.set(yscale="log", ylabel="W4A4 ppl / FP ppl", title="The W4A4 gap, by arm and method")
     ax.legend(fontsize=7)
-    made.append((save_figure(fig, out / "exp-smollm2-w4a4-gap.png").name, "W4A4 perplexity over FP perplexity"))
+    made.append((save_figure(fig, out / f"{prefix}-w4a4-gap.png").name, "W4A4 perplexity over FP perplexity"))
     sweep = lambda_sweep(root)
     if len(sweep) >= 2:
         fig, ax = plt.subplots(figsize=(6, 3.8), dpi=110)
@@ -311,7 +312,7 @@ def figures(root: Path, out: Path) -> list[tuple[str, str]]:
         ax.set(xlabel="FP ppl change vs AdamW (%)", ylabel="W4A4 ppl change vs AdamW (%)",
                title="λ sweep (decoupled S2D, τ 0.8 outlier rows): cost vs gain")
         ax.legend(fontsize=7)
-        made.append((save_figure(fig, out / "exp-smollm2-lambda.png").name,
+        made.append((save_figure(fig, out / f"{prefix}-lambda.png").name,
                      "λ sweep: FP cost against W4A4 change, both relative to AdamW (below 0 = better)"))
     return made
 

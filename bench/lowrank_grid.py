@@ -105,6 +105,28 @@ def table(root: Path) -> str:
                      "polarity acc", "wiki-cloze acc", "mean acc", "compress wall s", "threads"], rows)
 
 
+def search_rows(root: Path) -> list[list]:
+    """One row per finished surgical-search cell: whether it met its target, how far it walked, and what it cost."""
+    from s2d.runs import recorded_threads
+
+    rows = []
+    for name in cells():
+        path = root / name / "metrics.json"
+        if not name.startswith("rom+search") or not path.is_file():
+            continue
+        m = json.loads(path.read_text())
+        c, ev = m["compression"], m["eval"]
+        info = c["search"]
+        limit = info["ppl_ref"] * info["tolerance"] ** info["layers_processed"]
+        accs = [ev[t]["acc"] for t in ("analogy-mc", "polarity", "wiki-cloze")]
+        rows.append([name, "yes" if info["target_reached"] else "no", round(c["summary"]["fraction_kept"], 4),
+                     info["layers_processed"], len(c["ranks"]),
+                     f"{info['ppl_ref']:.2f} → {info['ppl_final']:.2f}", round(limit, 2),
+                     round(ev["ppl:wiki@128"]["ppl"], 2), round(sum(accs) / 3, 3), round(c["seconds"]),
+                     recorded_threads(root / name) or ""])
+    return rows
+
+
 def reading(root: Path) -> list[str]:
     """Per keep fraction: the methods ordered by mean zero-shot accuracy and by perplexity, from the cells."""
     from s2d.report.markdown import fmt
@@ -176,6 +198,7 @@ def main() -> None:
     ap.add_argument("--quant", action="store_true", help="then quantize the kept 80%% models and the dense one")
     args = ap.parse_args()
     if not args.table:
+        args.root.mkdir(parents=True, exist_ok=True)  # a fresh checkout has no run folders yet
         s2d = str(Path(sys.executable).with_name("s2d"))
         for name, cell_args in cells().items():
             if (args.only and name not in args.only) or (args.root / name / "metrics.json").is_file():

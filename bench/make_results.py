@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -277,6 +278,28 @@ def lowrank(r: Results) -> None:
                f"({b['peak_rss_mb'] * 2**20 / 1e9:.2f} GB).")
 
 
+def lowrank_search(r: Results) -> None:
+    root = r.runs / "lowrank-grid"
+    import lowrank_grid
+
+    rows = lowrank_grid.search_rows(root)
+    if not rows:
+        r.missing.append(str(root / "rom+search-*"))
+        return
+    r.text("### Surgical search: where each keep target stopped")
+    r.quote("python bench/lowrank_grid.py --only " + " ".join(row[0] for row in rows))
+    r.text("The perplexity search walks the Linears from the last block to the first, accepts the smallest "
+           "candidate rank whose search-split perplexity stays within ppl_ref · 1.005^(Linears walked), keeps the "
+           "layer dense otherwise, and stops once the parameter target is met; the report columns are on the "
+           "disjoint wiki test split and the three zero-shot tasks.")
+    r.text(md_table(["cell", "target reached", "params kept", "Linears walked", "Linears compressed",
+                     "search ppl ref → final", "final limit", "wiki test ppl@128", "mean acc", "compress wall s",
+                     "threads"], rows))
+    for name, *_ in rows:
+        if (root / name / "figures" / "ranks.png").is_file() and name != "rom+search-0.8":  # 0.8: in the grid
+            r.figure(root / name / "figures" / "ranks.png", f"lowrank-ranks-{name}.png", f"Ranks per Linear, {name}")
+
+
 def structure_reading(rows: list[dict]) -> list[str]:
     """Which roles and depths are low-rank, in which space, from the structure rows."""
     def frac(x, key):
@@ -332,34 +355,52 @@ def selection(r: Results) -> None:
 
 
 def experiments(r: Results) -> None:
-    root = r.runs / "exp-smollm2"
+    smollm2_experiment(r, "exp-smollm2", "## Experiment 1 in miniature: S2D on SmolLM2", headline=True)
+
+
+def experiments_levers(r: Results) -> None:
+    smollm2_experiment(r, "exp-smollm2-levers", "## Experiment 1, second run: every lever at seed 0",
+                       intro="A second run of the same script into its own root, with the arms the first run had not "
+                             "reached (coupled S2D, norm folding, the λ sweep, spectral-norm regularization, KURE) "
+                             "beside the baselines they are read against (AdamW, and the two decoupled S2D "
+                             "selections) rerun with the same seed, so that every comparison below is between "
+                             "folders of this run. Each arm ran on one torch thread, two arms at a time.")
+
+
+def smollm2_experiment(r: Results, root_name: str, title: str, intro: str = "", headline: bool = False) -> None:
+    root = r.runs / root_name
     if not root.is_dir():
+        r.missing.append(str(root))
         return
     import exp_smollm2_s2d
 
     done = exp_smollm2_s2d.finished(root)
     if not done:
+        r.missing.append(str(root))
         return
-    r.text("## Experiment 1 in miniature: S2D on SmolLM2", True)
-    r.quote("python bench/exp_smollm2_s2d.py   # --table reprints the tables, --figures DIR redraws the figures",
-            True)
+    r.text(title, headline)
+    r.quote("python bench/exp_smollm2_s2d.py" + ("" if root_name == "exp-smollm2" else f" --root runs/{root_name}")
+            + "   # --table reprints the tables, --figures DIR redraws the figures", headline)
+    if intro:
+        r.text(intro)
     r.text("Every arm: 100 steps of AdamW at lr 5e-5, batch 2×256 wiki-train tokens, the seed in its name "
            "(`-s0`, `-s1`; every arm starts from the same pre-trained model, so the seed draws which wiki-train "
            "windows make the batches); quantized cells "
            "score wiki-test ppl@128 on 8,192 tokens (per-token activations unless marked). Arm options: "
            + "; ".join(f"`{n}`: `{' '.join(exp_smollm2_s2d.ARMS[a])}`" for n in done
-                       if (a := n.rsplit("-s", 1)[0]) in exp_smollm2_s2d.ARMS) + ".", True)
-    r.text(exp_smollm2_s2d.table(root), True)
-    r.text("\n".join(f"- {line}" for line in exp_smollm2_s2d.reading(root)), True)
+                       if (a := n.rsplit("-s", 1)[0]) in exp_smollm2_s2d.ARMS) + ".", headline)
+    r.text(exp_smollm2_s2d.table(root), headline)
+    r.text("\n".join(f"- {line}" for line in exp_smollm2_s2d.reading(root)), headline)
     levers = exp_smollm2_s2d.levers(root)
     if levers:
         r.text("**Levers**, one setting changed at a time (seed 0; every arm 100 steps, every Linear eligible, "
                "the selection rule decides which are decayed; steps and targets were not varied):")
         r.text("\n".join(f"- {line}" for line in levers))
-    r.text("For reference, **the paper's figures (theirs, not measured here)**: SigLIP2-B on ImageNet-1k top-1, "
-           "AdamW vs AdamW+S2D, quoted from SPEC §2:")
-    r.text(md_table(["setting (paper)", "AdamW", "AdamW+S2D"], PAPER_S2D))
-    for file, caption in exp_smollm2_s2d.figures(root, DOCS / "figures"):
+    if headline:
+        r.text("For reference, **the paper's figures (theirs, not measured here)**: SigLIP2-B on ImageNet-1k top-1, "
+               "AdamW vs AdamW+S2D, quoted from SPEC §2:")
+        r.text(md_table(["setting (paper)", "AdamW", "AdamW+S2D"], PAPER_S2D))
+    for file, caption in exp_smollm2_s2d.figures(root, DOCS / "figures", prefix=root_name):
         r.text(f"![{caption}](figures/{file})\n\n*{caption}*")
 
 
@@ -424,18 +465,44 @@ def minilm(r: Results) -> None:
            "accuracy (dots), mean and 95% t-interval (bars)*")
 
 
+SECTIONS = (evaluation, diagnose, quantization, quant_speed, training, selection, experiments, experiments_levers,
+            vision, minilm, lowrank, lowrank_search)
+MARK = "<!-- section:{} -->"
+
+
+def previous_sections(path: Path) -> dict[str, str]:
+    """The sections of an earlier results.md by name, from the markers main() writes around each one."""
+    if not path.is_file():
+        return {}
+    chunks = re.split(r"<!-- section:(\w+) -->\n", path.read_text())
+    return dict(zip(chunks[1::2], chunks[2::2], strict=True))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=Path, default=Path("runs"))
     ap.add_argument("--out", type=Path, default=DOCS / "results.md")
+    ap.add_argument("--only", nargs="+", choices=[f.__name__ for f in SECTIONS],
+                    help="regenerate only these sections and keep the others as they are in --out (for a checkout "
+                         "that holds only some of the run folders); the README is left alone")
     args = ap.parse_args()
+    old = previous_sections(args.out)
+    if args.only and not old:
+        raise SystemExit(f"--only needs an earlier {args.out} with section markers; run without --only first")
     r = Results(args.runs)
     r.text("# Results\n\nGenerated by `python bench/make_results.py` from the run folders named below; every "
            "number comes from the command quoted beside it. Machine: 2 CPU cores, no GPU.")
-    for section in (evaluation, diagnose, quantization, quant_speed, training, selection, experiments, vision,
-                    minilm, lowrank):
+    for section in SECTIONS:
+        name = section.__name__
+        if args.only and name not in args.only:
+            if name in old:
+                r.parts.append(MARK.format(name) + "\n" + old[name].rstrip("\n") + "\n")
+            continue
+        before = len(r.parts)
         section(r)
-    if r.missing:
+        if len(r.parts) > before:
+            r.parts.insert(before, MARK.format(name))
+    if r.missing and not args.only:
         r.text("## Not yet run\n\n" + "\n".join(f"- `{m}`" for m in r.missing))
     from s2d.io import atomic_write_text
 
@@ -443,12 +510,12 @@ def main() -> None:
     readme = Path("README.md")
     start, end = "<!-- results:start -->", "<!-- results:end -->"
     text = readme.read_text()
-    if start in text and end in text:
+    if start in text and end in text and not args.only:
         head, rest = text.split(start, 1)
         body = "\n".join(part.replace("## ", "### ", 1) if part.startswith("## ") else part for part in r.headline)
         atomic_write_text(readme, f"{head}{start}\n{body}\nAll tables, figures and readings: "
                                   f"[docs/results.md](docs/results.md).\n{end}{rest.split(end, 1)[1]}")
-    print(f"wrote {args.out} ({len(r.missing)} inputs missing)")
+    print(f"wrote {args.out} ({len(r.missing)} inputs missing{': ' + ', '.join(r.missing) if r.missing else ''})")
 
 
 if __name__ == "__main__":
