@@ -211,6 +211,36 @@ def reading(root: Path) -> list[str]:
     return lines
 
 
+def answers(root: Path) -> list[str]:
+    """The issue's three questions answered in plain words from the S2D arms against AdamW of the same seed:
+    outliers, W4A4 (RTN and rotation) and the FP cost, counting arms rather than picking one."""
+    arms = finished(root)
+    pairs = [(n, f, arms[f"adamw-s{n.rsplit('-s', 1)[1]}"]) for n, f in arms.items()
+             if n.startswith("s2d") and f"adamw-s{n.rsplit('-s', 1)[1]}" in arms]
+    if not pairs:
+        return []
+
+    def change(f, base, cell):
+        return _ppl(f, cell) / _ppl(base, cell) - 1
+
+    def listed(items):
+        return ", ".join(f"{n} {v:+.0%}" for n, v in items)
+
+    peak = [(n, _peak(f) / _peak(b) - 1) for n, f, b in pairs]
+    fewer = [(n, v) for n, v in peak if v < -0.05]
+    lines = [f"Does S2D reduce the outliers? In {len(fewer)} of {len(pairs)} S2D runs the residual max |x| fell by "
+             f"more than 5% against AdamW of the same seed ({listed(fewer) or 'none'}); the others moved it by "
+             f"{listed([p for p in peak if p not in fewer]) or 'nothing'}."]
+    for cell, label in (("W4A4 rtn", "W4A4 with RTN"), ("W4A4 rotate+rtn", "W4A4 with rotation")):
+        ch = [(n, change(f, b, cell)) for n, f, b in pairs]
+        better = [(n, v) for n, v in ch if v < 0]
+        lines.append(f"Does it make {label} better than AdamW? Lower perplexity in {len(better)} of {len(ch)} runs "
+                     f"({listed(better) or 'none'}); every change: {listed(ch)}.")
+    fp = [(n, change(f, b, "FP")) for n, f, b in pairs]
+    lines.append(f"What does it cost in full precision? FP perplexity against AdamW: {listed(fp)}.")
+    return lines
+
+
 def _against(folder: Path, base: Path) -> str:
     """One arm against another: FP cost, the quantized cells that matter, and the outlier, with changes."""
     from s2d.report.markdown import fmt
@@ -355,6 +385,7 @@ def main() -> None:
     print(table(args.root))
     print("\n".join(reading(args.root)))
     print("\n".join(levers(args.root)))
+    print("\n".join(answers(args.root)))
     if args.figures:
         for file, caption in figures(args.root, args.figures):
             print(f"wrote {args.figures / file}: {caption}")

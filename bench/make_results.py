@@ -391,6 +391,11 @@ def smollm2_experiment(r: Results, root_name: str, title: str, intro: str = "", 
                        if (a := n.rsplit("-s", 1)[0]) in exp_smollm2_s2d.ARMS) + ".", headline)
     r.text(exp_smollm2_s2d.table(root), headline)
     r.text("\n".join(f"- {line}" for line in exp_smollm2_s2d.reading(root)), headline)
+    answers = exp_smollm2_s2d.answers(root)
+    if answers:
+        r.text("**In plain words** (counted over every S2D run in this table, each against AdamW of its seed):",
+               headline)
+        r.text("\n".join(f"- {line}" for line in answers), headline)
     levers = exp_smollm2_s2d.levers(root)
     if levers:
         r.text("**Levers**, one setting changed at a time (seed 0; every arm 100 steps, every Linear eligible, "
