@@ -194,14 +194,11 @@ def reading(root: Path) -> list[str]:
 
     arms = finished(root)
     start = next((f for n, f in arms.items() if n.startswith("start")), None)
-    if start is None:
-        return []
-
     lines = []
     for name, folder in arms.items():
         seed = name.rsplit("-s", 1)[1]
         base = arms.get(f"adamw-s{seed}")
-        if name.startswith("adamw"):
+        if name.startswith("adamw") and start is not None:
             lines.append(f"AdamW alone (seed {seed}): FP ppl {fmt(_ppl(start, 'FP'))} → {fmt(_ppl(folder, 'FP'))}, "
                          f"W4A4 RTN {fmt(_ppl(start, 'W4A4 rtn'))} → {fmt(_ppl(folder, 'W4A4 rtn'))}, residual max |x| "
                          f"{fmt(_peak(start))} → {fmt(_peak(folder))}.")
