@@ -291,7 +291,8 @@ def lowrank_search(r: Results) -> None:
     r.text("The perplexity search walks the Linears from the last block to the first, accepts the smallest "
            "candidate rank whose search-split perplexity stays within ppl_ref · 1.005^(Linears walked), keeps the "
            "layer dense otherwise, and stops once the parameter target is met; the report columns are on the "
-           "disjoint wiki test split and the three zero-shot tasks.")
+           "disjoint wiki test split and the three zero-shot tasks, as in the grid (a cell the grid lists as "
+           "pending had not finished when the grid was generated).")
     r.text(md_table(["cell", "target reached", "params kept", "Linears walked", "Linears compressed",
                      "search ppl ref → final", "final limit", "wiki test ppl@128", "mean acc", "compress wall s",
                      "threads"], rows))
