@@ -15,6 +15,7 @@ class DemoConfig(Config):
     bits: int = 4
     scheme: str = "W4A4"
     roles: tuple = ("q", "k")
+    lam: float = 5e-4
 
 
 def test_config_roundtrip_yaml_and_json():
@@ -31,6 +32,18 @@ def test_config_rejects_unknown_and_newer():
         DemoConfig.from_dict({"version": 3})
     with pytest.raises(S2DError, match="expected DemoConfig"):
         DemoConfig.from_dict({"kind": "Other"})
+
+
+def test_config_reads_exponents_yaml_leaves_as_text():
+    # YAML 1.1 reads "5e-4" (no dot) as a string; a numeric field must still get the number.
+    cfg = DemoConfig.from_yaml("lam: 5e-4\nbits: 1e1\n")
+    assert cfg.lam == 5e-4 and isinstance(cfg.lam, float)
+    assert cfg.bits == 10 and isinstance(cfg.bits, int)
+    with pytest.raises(S2DError, match="DemoConfig.lam must be a number"):
+        DemoConfig.from_dict({"lam": "small"})
+    with pytest.raises(S2DError, match="whole number"):
+        DemoConfig.from_dict({"bits": "4.5"})
+    assert DemoConfig.from_dict({"scheme": "1e3"}).scheme == "1e3"
 
 
 def test_config_load_from_files(tmp_path):

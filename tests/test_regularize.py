@@ -199,6 +199,18 @@ def test_bad_config(config, match):
         SelectiveSpectralDecay(tiny_model("llama")[0], config)
 
 
+def test_command_line_options_reach_the_regularizer_as_numbers():
+    # --reg-option lam=5e-4 arrives as the string "5e-4" from YAML; the config must hold the number.
+    from s2d.train.loop import make_regularizer
+
+    model = tiny_model("llama")[0]
+    reg = make_regularizer("s2d", model, {"lam": "5e-4", "form": "coupled"}, optimizer=None)
+    assert reg.config.lam == 5e-4
+    assert make_regularizer("specnorm", model, {"lam": "1e-3"}, optimizer=None).config.lam == 1e-3
+    with pytest.raises(S2DError, match="unknown S2DConfig fields"):
+        make_regularizer("s2d", model, {"lambda": 1.0}, optimizer=None)
+
+
 def test_filter_selecting_nothing():
     with pytest.raises(S2DError, match="selects no Linear"):
         SelectiveSpectralDecay(tiny_model("llama")[0], S2DConfig(), lambda m, n: False)

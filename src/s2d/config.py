@@ -40,6 +40,8 @@ class Config:
         for f in dataclasses.fields(cls):
             if f.name in data and isinstance(data[f.name], list) and isinstance(f.default, tuple):
                 data[f.name] = tuple(data[f.name])
+            if f.name in data:
+                data[f.name] = _coerce_number(kind, f.name, f.default, data[f.name])
         return cls(**data)
 
     def to_yaml(self) -> str:
@@ -63,3 +65,18 @@ class Config:
             raise S2DError(f"config file {path} does not exist")
         text = path.read_text()
         return cls.from_json(text) if path.suffix == ".json" else cls.from_yaml(text)
+
+
+def _coerce_number(kind: str, name: str, default: Any, value: Any) -> Any:
+    """YAML 1.1 reads 5e-4 (no dot) as a string: numeric fields parse such strings, and reject any other text."""
+    if not isinstance(value, str) or isinstance(default, bool) or not isinstance(default, int | float):
+        return value
+    try:
+        number = float(value)
+    except ValueError:
+        raise S2DError(f"{kind}.{name} must be a number, got {value!r}") from None
+    if isinstance(default, int):
+        if not number.is_integer():
+            raise S2DError(f"{kind}.{name} must be a whole number, got {value!r}")
+        return int(number)
+    return number

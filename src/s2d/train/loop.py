@@ -34,10 +34,10 @@ def make_regularizer(name: str, model, options: dict, optimizer):
     if name == "none":
         return None
     if name == "s2d":
-        return R.SelectiveSpectralDecay(model, R.S2DConfig(**options), optimizer=optimizer)
+        return R.SelectiveSpectralDecay(model, R.S2DConfig.from_dict(options), optimizer=optimizer)
     cls, cfg = {"wd": (R.WeightDecay, R.WeightDecayConfig), "specnorm": (R.SpectralNorm, R.SpectralNormConfig),
                 "kure": (R.KURE, R.KUREConfig)}[name]
-    return cls(model, cfg(**options))
+    return cls(model, cfg.from_dict(options))
 
 
 def cosine_with_warmup(optimizer, warmup: int, total: int):
