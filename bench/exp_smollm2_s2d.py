@@ -41,6 +41,7 @@ ARMS = {
     "s2d-coupled": [*S2D, "--reg-option", "form=coupled", "--reg-option", "lam=5e-4"],
     "specnorm": ["--reg", "specnorm"],
     "kure": ["--reg", "kure"],
+    "kure-lam1": ["--reg", "kure", "--reg-option", "lam=1.0"],  # the default 1e-2 barely moved its penalty here
 }
 DEFAULT_ARMS = ["start", "adamw", "s2d-decoupled", "s2d-decoupled-fold", "s2d-coupled", "specnorm", "kure",
                 "s2d-decoupled-outliers"]
@@ -262,6 +263,7 @@ LEVERS = [
     ("λ 2 → 8", "s2d-decoupled-outliers", "s2d-decoupled-outliers-lam8"),
     ("S2D → spectral-norm regularization", "s2d-decoupled-outliers", "specnorm"),
     ("S2D → KURE", "s2d-decoupled-outliers", "kure"),
+    ("KURE λ 1e-2 → 1", "kure", "kure-lam1"),
 ]
 
 
@@ -276,7 +278,24 @@ def levers(root: Path) -> list[str]:
                   if name.endswith("-s0")]
     if per_tensor:
         lines.append("activation granularity, W4A4 RTN per-token → per-tensor: " + ", ".join(per_tensor) + ".")
+    moved = penalties(arms)
+    if moved:
+        lines.append("did the loss-term regularizers act? Their penalty at the first → last logged step (a term "
+                     "that barely moves left the weights to the task loss): " + ", ".join(moved) + ".")
     return lines
+
+
+def penalties(arms: dict[str, Path]) -> list[str]:
+    """The penalty the coupled regularizers (a loss term) logged, first → last step; decoupled S2D logs none."""
+    from s2d.report.markdown import fmt
+
+    out = []
+    for name, folder in arms.items():
+        history = (_load(folder, "finetune") or {}).get("history") or []
+        first, last = (history[0].get("penalty"), history[-1].get("penalty")) if history else (None, None)
+        if first and last is not None:
+            out.append(f"{name} {fmt(first)} → {fmt(last)} ({last / first - 1:+.1%})")
+    return out
 
 
 def _per_tensor(folder: Path) -> float:
