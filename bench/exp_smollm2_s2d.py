@@ -348,11 +348,12 @@ def figures(root: Path, out: Path, prefix: str = "exp-smollm2") -> list[tuple[st
     sweep = lambda_sweep(root)
     if len(sweep) >= 2:
         fig, ax = plt.subplots(figsize=(6, 3.8), dpi=110)
-        for cell, marker in (("W4A4 rtn", "o"), ("W4A4 rotate+rtn", "s")):
+        # RTN labels above their points, rotation labels below, so the two series' labels do not overprint.
+        for cell, marker, dy in (("W4A4 rtn", "o", 4), ("W4A4 rotate+rtn", "s", -10)):
             xs, ys = [p["fp_cost"] for p in sweep], [p[cell] for p in sweep]
             ax.plot(xs, ys, marker=marker, label=cell)
             for p, x, y in zip(sweep, xs, ys, strict=True):
-                ax.annotate(f"λ={p['lam']:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+                ax.annotate(f"λ={p['lam']:g}", (x, y), textcoords="offset points", xytext=(4, dy), fontsize=7)
         ax.axhline(0, color="grey", lw=0.6)
         ax.axvline(0, color="grey", lw=0.6)
         ax.set(xlabel="FP ppl change vs AdamW (%)", ylabel="W4A4 ppl change vs AdamW (%)",

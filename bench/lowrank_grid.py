@@ -127,6 +127,28 @@ def search_rows(root: Path) -> list[list]:
     return rows
 
 
+def search_stops(root: Path) -> list[str]:
+    """For each search cell that stopped above its target: which Linears the tolerance kept dense, by role."""
+    from collections import Counter
+
+    lines = []
+    for name in cells():
+        folder = root / name
+        if not name.startswith("rom+search") or not (folder / "search_trials.json").is_file():
+            continue
+        m = json.loads((folder / "metrics.json").read_text())
+        if m["compression"]["search"]["target_reached"]:
+            continue
+        walked = list(dict.fromkeys(t["layer"] for t in json.loads((folder / "search_trials.json").read_text())))
+        dense = [layer for layer in walked if layer not in m["compression"]["ranks"]]
+        roles = ", ".join(f"{role} {n}" for role, n in Counter(x.rsplit(".", 1)[1] for x in dense).most_common())
+        lines.append(f"{name} stopped at {m['compression']['summary']['fraction_kept']:.2%} of the parameters, "
+                     f"above its target: it walked {len(walked)} Linears and kept {len(dense)} dense because no "
+                     f"candidate rank that saves parameters kept the search perplexity within its limit ({roles}); "
+                     "going lower needs a looser tolerance.")
+    return lines
+
+
 def reading(root: Path) -> list[str]:
     """Per keep fraction: the methods ordered by mean zero-shot accuracy and by perplexity, from the cells."""
     from s2d.report.markdown import fmt

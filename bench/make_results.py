@@ -296,6 +296,9 @@ def lowrank_search(r: Results) -> None:
     r.text(md_table(["cell", "target reached", "params kept", "Linears walked", "Linears compressed",
                      "search ppl ref → final", "final limit", "wiki test ppl@128", "mean acc", "compress wall s",
                      "threads"], rows))
+    stops = lowrank_grid.search_stops(root)
+    if stops:
+        r.text("\n".join(f"- {line}" for line in stops))
     for name, *_ in rows:
         if (root / name / "figures" / "ranks.png").is_file() and name != "rom+search-0.8":  # 0.8: in the grid
             r.figure(root / name / "figures" / "ranks.png", f"lowrank-ranks-{name}.png", f"Ranks per Linear, {name}")
