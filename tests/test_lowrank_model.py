@@ -248,6 +248,20 @@ def test_cli_compress_writes_a_run_folder_and_a_reloadable_model(tmp_path):
     assert main(["compress", "tiny:llama", "--keep", "1.5", "--out", str(tmp_path / "bad")]) == 2
 
 
+def test_cli_search_tolerance_reaches_the_config_and_looser_compresses_more(tmp_path):
+    from s2d.cli import main
+
+    kept = {}
+    for tol in ("1.0", "1.5"):
+        out = tmp_path / tol
+        assert main(["compress", "tiny:llama", "--search", "ppl", "--keep", "0.1", "--tolerance", tol,
+                     "--n-samples", "8", "--seq-len", "32", "--no-model", "--out", str(out)]) == 0
+        m = json.loads((out / "metrics.json").read_text())["compression"]
+        assert m["config"]["tolerance"] == float(tol) == m["search"]["tolerance"]
+        kept[tol] = m["summary"]["fraction_kept"]
+    assert kept["1.5"] < kept["1.0"], kept
+
+
 @pytest.mark.real
 def test_smollm2_rom_on_the_last_blocks_hits_the_budget(smollm2, report_figure):
     import copy

@@ -78,7 +78,8 @@ def _compress(args: argparse.Namespace) -> None:
     config = LowRankConfig(method=args.method, keep=None if ranks and args.keep is None else (args.keep or 0.8),
                            schedule=args.schedule, ranks=ranks, search=args.search, calib=args.calib,
                            n_samples=args.n_samples, seq_len=args.seq_len, seed=args.seed,
-                           search_task=args.search_task, acc_tolerance=args.acc_tolerance)
+                           search_task=args.search_task, acc_tolerance=args.acc_tolerance,
+                           tolerance=args.tolerance)
     tasks = tuple(t.strip() for t in args.eval.split(",") if t.strip()) if args.eval else ()
     out = args.out or default_run_dir("compress")
     m = run_compress(args.model, config, out, tasks, merge=args.merge, save_model=not args.no_model,
@@ -258,6 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "ppl on wiki validation, or accuracy on a 20%% search split of --search-task")
     p.add_argument("--search-task", dest="search_task", default="analogy-mc",
                    help="task search: the zero-shot task (its report split is what --eval scores)")
+    p.add_argument("--tolerance", type=float, default=1.005,
+                   help="ppl search: accept a rank while ppl ≤ ppl_ref · TOLERANCE^(Linears walked); looser goes "
+                        "further below --keep's reach")
     p.add_argument("--acc-tolerance", dest="acc_tolerance", type=float, default=0.0,
                    help="task search: accuracy drop allowed per chunk against the dense model")
     p.add_argument("--calib", default="wiki", help="calibration text (wiki: the train split)")

@@ -140,7 +140,8 @@ def surgical_search(model, desc: ModelDescription, config: LowRankConfig, target
     reached = target is None or model_parameters(model) <= target
     if not reached:
         log.warning("the search kept every layer it could within tolerance and stopped at %.1f%% of the "
-                    "parameters, above keep=%s", 100 * model_parameters(model) / total, config.keep)
+                    "parameters, above keep=%s; a looser --tolerance (now %s) lets it compress more Linears",
+                    100 * model_parameters(model) / total, config.keep, config.tolerance)
     plan = RankPlan(ranks, layers, total, blocks=sorted({by_name[n].block for n in ranks}))
     info = {**reference, **probe.final(accepted), "layers_processed": processed,
             "target_params": target, "target_reached": reached, "trials": trials}
