@@ -142,10 +142,13 @@ def search_stops(root: Path) -> list[str]:
         walked = list(dict.fromkeys(t["layer"] for t in json.loads((folder / "search_trials.json").read_text())))
         dense = [layer for layer in walked if layer not in m["compression"]["ranks"]]
         roles = ", ".join(f"{role} {n}" for role, n in Counter(x.rsplit(".", 1)[1] for x in dense).most_common())
-        lines.append(f"{name} stopped at {m['compression']['summary']['fraction_kept']:.2%} of the parameters, "
+        ev = m["eval"]
+        acc = sum(ev[t]["acc"] for t in ("analogy-mc", "polarity", "wiki-cloze")) / 3
+        lines.append(f"{name} stopped at {m['compression']['summary']['fraction_kept']:.2%} of the parameters "
+                     f"(wiki test ppl {ev['ppl:wiki@128']['ppl']:.2f}, mean zero-shot accuracy {acc:.3f}), "
                      f"above its target: it walked {len(walked)} Linears and kept {len(dense)} dense because no "
                      f"candidate rank that saves parameters kept the search perplexity within its limit ({roles}); "
-                     "going lower needs a looser tolerance.")
+                     "going lower needs a looser `--tolerance`.")
     return lines
 
 

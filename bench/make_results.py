@@ -298,7 +298,9 @@ def lowrank_search(r: Results) -> None:
                      "threads"], rows))
     stops = lowrank_grid.search_stops(root)
     if stops:
-        r.text("\n".join(f"- {line}" for line in stops))
+        r.text("**Surgical search below its reach** (`python bench/lowrank_grid.py --only "
+               + " ".join(row[0] for row in rows) + "`):", True)
+        r.text("\n".join(f"- {line}" for line in stops), True)
     for name, *_ in rows:
         if (root / name / "figures" / "ranks.png").is_file() and name != "rom+search-0.8":  # 0.8: in the grid
             r.figure(root / name / "figures" / "ranks.png", f"lowrank-ranks-{name}.png", f"Ranks per Linear, {name}")
@@ -368,10 +370,14 @@ def experiments_levers(r: Results) -> None:
                              "reached (coupled S2D, norm folding, the λ sweep, spectral-norm regularization, KURE) "
                              "beside the baselines they are read against (AdamW, and the two decoupled S2D "
                              "selections) rerun with the same seed, so that every comparison below is between "
-                             "folders of this run. Each arm ran on one torch thread, two arms at a time.")
+                             "folders of this run. Each arm ran on one torch thread, two arms at a time.",
+                       brief=True)
 
 
-def smollm2_experiment(r: Results, root_name: str, title: str, intro: str = "", headline: bool = False) -> None:
+def smollm2_experiment(r: Results, root_name: str, title: str, intro: str = "", headline: bool = False,
+                       brief: bool = False) -> None:
+    """One run of the SmolLM2 experiment. headline: all of it goes to the README too; brief: only its title,
+    command, plain answers and levers do."""
     root = r.runs / root_name
     if not root.is_dir():
         r.missing.append(str(root))
@@ -382,9 +388,9 @@ def smollm2_experiment(r: Results, root_name: str, title: str, intro: str = "", 
     if not done:
         r.missing.append(str(root))
         return
-    r.text(title, headline)
+    r.text(title, headline or brief)
     r.quote("python bench/exp_smollm2_s2d.py" + ("" if root_name == "exp-smollm2" else f" --root runs/{root_name}")
-            + "   # --table reprints the tables, --figures DIR redraws the figures", headline)
+            + "   # --table reprints the tables, --figures DIR redraws the figures", headline or brief)
     if intro:
         r.text(intro)
     r.text("Every arm: 100 steps of AdamW at lr 5e-5, batch 2×256 wiki-train tokens, the seed in its name "
@@ -398,13 +404,13 @@ def smollm2_experiment(r: Results, root_name: str, title: str, intro: str = "", 
     answers = exp_smollm2_s2d.answers(root)
     if answers:
         r.text("**In plain words** (counted over every S2D run in this table, each against AdamW of its seed):",
-               headline)
-        r.text("\n".join(f"- {line}" for line in answers), headline)
+               headline or brief)
+        r.text("\n".join(f"- {line}" for line in answers), headline or brief)
     levers = exp_smollm2_s2d.levers(root)
     if levers:
         r.text("**Levers**, one setting changed at a time (seed 0; every arm 100 steps, every Linear eligible, "
-               "the selection rule decides which are decayed; steps and targets were not varied):")
-        r.text("\n".join(f"- {line}" for line in levers))
+               "the selection rule decides which are decayed; steps and targets were not varied):", brief)
+        r.text("\n".join(f"- {line}" for line in levers), brief)
     if headline:
         r.text("For reference, **the paper's figures (theirs, not measured here)**: SigLIP2-B on ImageNet-1k top-1, "
                "AdamW vs AdamW+S2D, quoted from SPEC §2:")
@@ -479,11 +485,9 @@ SECTIONS = (evaluation, diagnose, quantization, quant_speed, training, selection
 MARK = "<!-- section:{} -->"
 
 
-def previous_sections(path: Path) -> dict[str, str]:
-    """The sections of an earlier results.md by name, from the markers main() writes around each one."""
-    if not path.is_file():
-        return {}
-    chunks = re.split(r"<!-- section:(\w+) -->\n", path.read_text())
+def previous_sections(text: str) -> dict[str, str]:
+    """The sections of an earlier results.md (or README results block) by name, from the markers main() writes."""
+    chunks = re.split(r"<!-- section:(\w+) -->\n", text)
     return dict(zip(chunks[1::2], chunks[2::2], strict=True))
 
 
@@ -492,39 +496,59 @@ def main() -> None:
     ap.add_argument("--runs", type=Path, default=Path("runs"))
     ap.add_argument("--out", type=Path, default=DOCS / "results.md")
     ap.add_argument("--only", nargs="+", choices=[f.__name__ for f in SECTIONS],
-                    help="regenerate only these sections and keep the others as they are in --out (for a checkout "
-                         "that holds only some of the run folders); the README is left alone")
+                    help="regenerate only these sections and keep the others as they are in --out and in the "
+                         "README (for a checkout that holds only some of the run folders)")
     args = ap.parse_args()
-    old = previous_sections(args.out)
+    old = previous_sections(args.out.read_text()) if args.out.is_file() else {}
     if args.only and not old:
         raise SystemExit(f"--only needs an earlier {args.out} with section markers; run without --only first")
     r = Results(args.runs)
     r.text("# Results\n\nGenerated by `python bench/make_results.py` from the run folders named below; every "
            "number comes from the command quoted beside it. Machine: 2 CPU cores, no GPU.")
+    heads: dict[str, str] = {}  # section -> its README part
     for section in SECTIONS:
         name = section.__name__
         if args.only and name not in args.only:
             if name in old:
                 r.parts.append(MARK.format(name) + "\n" + old[name].rstrip("\n") + "\n")
             continue
-        before = len(r.parts)
+        before, before_head = len(r.parts), len(r.headline)
         section(r)
         if len(r.parts) > before:
             r.parts.insert(before, MARK.format(name))
+        if len(r.headline) > before_head:
+            heads[name] = "\n".join(part.replace("## ", "### ", 1) if part.startswith("## ") else part
+                                    for part in r.headline[before_head:])
     if r.missing and not args.only:
         r.text("## Not yet run\n\n" + "\n".join(f"- `{m}`" for m in r.missing))
     from s2d.io import atomic_write_text
 
     atomic_write_text(args.out, "\n".join(r.parts))
-    readme = Path("README.md")
+    write_readme(Path("README.md"), heads, args.only)
+    print(f"wrote {args.out} ({len(r.missing)} inputs missing{': ' + ', '.join(r.missing) if r.missing else ''})")
+
+
+def write_readme(readme: Path, heads: dict[str, str], only: list[str] | None) -> None:
+    """Replace the README's results block with the sections' headline parts; with --only, replace just those
+    sections and keep the others as the block holds them."""
+    from s2d.io import atomic_write_text
+
     start, end = "<!-- results:start -->", "<!-- results:end -->"
     text = readme.read_text()
-    if start in text and end in text and not args.only:
-        head, rest = text.split(start, 1)
-        body = "\n".join(part.replace("## ", "### ", 1) if part.startswith("## ") else part for part in r.headline)
-        atomic_write_text(readme, f"{head}{start}\n{body}\nAll tables, figures and readings: "
-                                  f"[docs/results.md](docs/results.md).\n{end}{rest.split(end, 1)[1]}")
-    print(f"wrote {args.out} ({len(r.missing)} inputs missing{': ' + ', '.join(r.missing) if r.missing else ''})")
+    if start not in text or end not in text:
+        return
+    head, rest = text.split(start, 1)
+    block, tail = rest.split(end, 1)
+    note = "All tables, figures and readings: [docs/results.md](docs/results.md).\n"
+    if only:
+        old = previous_sections(block.replace(note, ""))
+        if not old:
+            print("README results block has no section markers: left alone (run without --only to rebuild it)")
+            return
+        heads = {f.__name__: heads.get(f.__name__, old.get(f.__name__)) for f in SECTIONS
+                 if (f.__name__ in only and f.__name__ in heads) or (f.__name__ not in only and f.__name__ in old)}
+    body = "".join(MARK.format(name) + "\n" + part.rstrip("\n") + "\n\n" for name, part in heads.items())
+    atomic_write_text(readme, f"{head}{start}\n{body}{note}{end}{tail}")
 
 
 if __name__ == "__main__":
