@@ -211,7 +211,8 @@ def reading(root: Path) -> list[str]:
 
 def answers(root: Path) -> list[str]:
     """The issue's three questions answered in plain words from the S2D arms against AdamW of the same seed:
-    outliers, W4A4 (RTN and rotation) and the FP cost, counting arms rather than picking one."""
+    outliers, W4A4 (RTN, and with rotation or SmoothQuant: does S2D still add anything) and the FP cost,
+    counting arms rather than picking one."""
     arms = finished(root)
     pairs = [(n, f, arms[f"adamw-s{n.rsplit('-s', 1)[1]}"]) for n, f in arms.items()
              if n.startswith("s2d") and f"adamw-s{n.rsplit('-s', 1)[1]}" in arms]
@@ -229,7 +230,8 @@ def answers(root: Path) -> list[str]:
     lines = [f"Does S2D reduce the outliers? In {len(fewer)} of {len(pairs)} S2D runs the residual max |x| fell by "
              f"more than 5% against AdamW of the same seed ({listed(fewer) or 'none'}); the others moved it by "
              f"{listed([p for p in peak if p not in fewer]) or 'nothing'}."]
-    for cell, label in (("W4A4 rtn", "W4A4 with RTN"), ("W4A4 rotate+rtn", "W4A4 with rotation")):
+    for cell, label in (("W4A4 rtn", "W4A4 with RTN"), ("W4A4 rotate+rtn", "W4A4 with rotation"),
+                        ("W4A4 smooth+rtn", "W4A4 with SmoothQuant")):
         ch = [(n, change(f, b, cell)) for n, f, b in pairs]
         better = [(n, v) for n, v in ch if v < 0]
         lines.append(f"Does it make {label} better than AdamW? Lower perplexity in {len(better)} of {len(ch)} runs "
