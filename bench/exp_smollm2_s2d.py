@@ -41,6 +41,8 @@ ARMS = {
     "s2d-coupled": [*S2D, "--reg-option", "form=coupled", "--reg-option", "lam=5e-4"],
     "specnorm": ["--reg", "specnorm"],
     "kure": ["--reg", "kure"],
+    # The control for the fold arm: the same folded model and selection, no decay (is it the folding or S2D?).
+    "adamw-fold": [*S2D, "--reg-option", "form=decoupled", "--reg-option", "lam=0", "--reg-option", "fold_norms=true"],
     "kure-lam1": ["--reg", "kure", "--reg-option", "lam=1.0"],  # the default 1e-2 barely moved its penalty here
 }
 DEFAULT_ARMS = ["start", "adamw", "s2d-decoupled", "s2d-decoupled-fold", "s2d-coupled", "specnorm", "kure",
@@ -199,7 +201,7 @@ def reading(root: Path) -> list[str]:
     for name, folder in arms.items():
         seed = name.rsplit("-s", 1)[1]
         base = arms.get(f"adamw-s{seed}")
-        if name.startswith("adamw") and start is not None:
+        if name == f"adamw-s{seed}" and start is not None:
             lines.append(f"AdamW alone (seed {seed}): FP ppl {fmt(_ppl(start, 'FP'))} → {fmt(_ppl(folder, 'FP'))}, "
                          f"W4A4 RTN {fmt(_ppl(start, 'W4A4 rtn'))} → {fmt(_ppl(folder, 'W4A4 rtn'))}, residual max |x| "
                          f"{fmt(_peak(start))} → {fmt(_peak(folder))}.")
@@ -261,6 +263,7 @@ LEVERS = [
      "s2d-decoupled-outliers"),
     ("form: decoupled (λ 2) → coupled through Adam (λ 5e-4)", "s2d-decoupled", "s2d-coupled"),
     ("norm gains folded into the spectra", "s2d-decoupled", "s2d-decoupled-fold"),
+    ("S2D on the folded model (λ 0 → 2; the fold alone is the control)", "adamw-fold", "s2d-decoupled-fold"),
     ("λ 2 → 0.5", "s2d-decoupled-outliers", "s2d-decoupled-outliers-lam0.5"),
     ("λ 2 → 8", "s2d-decoupled-outliers", "s2d-decoupled-outliers-lam8"),
     ("S2D → spectral-norm regularization", "s2d-decoupled-outliers", "specnorm"),
