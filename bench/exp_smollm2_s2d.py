@@ -216,8 +216,7 @@ def answers(root: Path) -> list[str]:
     outliers, W4A4 (RTN, and with rotation or SmoothQuant: does S2D still add anything) and the FP cost,
     counting arms rather than picking one."""
     arms = finished(root)
-    pairs = [(n, f, arms[f"adamw-s{n.rsplit('-s', 1)[1]}"]) for n, f in arms.items()
-             if n.startswith("s2d") and f"adamw-s{n.rsplit('-s', 1)[1]}" in arms]
+    pairs = [(n, f, arms[_control(n, arms)]) for n, f in arms.items() if n.startswith("s2d") and _control(n, arms)]
     if not pairs:
         return []
 
@@ -240,7 +239,18 @@ def answers(root: Path) -> list[str]:
                      f"({listed(better) or 'none'}); every change: {listed(ch)}.")
     fp = [(n, change(f, b, "FP")) for n, f, b in pairs]
     lines.append(f"What does it cost in full precision? FP perplexity against AdamW: {listed(fp)}.")
+    lines.append("A change of a few percent is inside AdamW's own seed-to-seed spread (the spread table of the "
+                 "two-seed run), so only changes well beyond it count as an effect of S2D.")
     return lines
+
+
+def _control(name: str, arms: dict[str, Path]) -> str | None:
+    """The AdamW arm an S2D arm is judged against: same seed, and the same parametrization (a norm-folded arm
+    against AdamW on the folded model, once that control has run; folding alone changes the quantized cells)."""
+    seed = name.rsplit("-s", 1)[1]
+    if "-fold" in name:
+        return f"adamw-fold-s{seed}" if f"adamw-fold-s{seed}" in arms else None
+    return f"adamw-s{seed}" if f"adamw-s{seed}" in arms else None
 
 
 def _against(folder: Path, base: Path) -> str:

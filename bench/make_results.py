@@ -403,7 +403,9 @@ def smollm2_experiment(r: Results, root_name: str, title: str, intro: str = "", 
     r.text("\n".join(f"- {line}" for line in exp_smollm2_s2d.reading(root)), headline)
     answers = exp_smollm2_s2d.answers(root)
     if answers:
-        r.text("**In plain words** (counted over every S2D run in this table, each against AdamW of its seed):",
+        r.text("**In plain words** (counted over every S2D run in this table, each against AdamW of its seed; "
+               "a norm-folded S2D run against AdamW on the folded model, since folding alone moves the quantized "
+               "cells):",
                headline or brief)
         r.text("\n".join(f"- {line}" for line in answers), headline or brief)
     levers = exp_smollm2_s2d.levers(root)
