@@ -273,6 +273,7 @@ LEVERS = [
      "s2d-decoupled-outliers"),
     ("form: decoupled (λ 2) → coupled through Adam (λ 5e-4)", "s2d-decoupled", "s2d-coupled"),
     ("norm gains folded into the spectra", "s2d-decoupled", "s2d-decoupled-fold"),
+    ("norm gains folded, no S2D (the S2D machinery at λ 0)", "adamw", "adamw-fold"),
     ("S2D on the folded model (λ 0 → 2; the fold alone is the control)", "adamw-fold", "s2d-decoupled-fold"),
     ("λ 2 → 0.5", "s2d-decoupled-outliers", "s2d-decoupled-outliers-lam0.5"),
     ("λ 2 → 8", "s2d-decoupled-outliers", "s2d-decoupled-outliers-lam8"),
