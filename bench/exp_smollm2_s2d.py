@@ -329,24 +329,26 @@ def figures(root: Path, out: Path, prefix: str = "exp-smollm2") -> list[tuple[st
 
     from s2d.report.figures import save_figure
 
+    # More arms than the default 10-colour cycle: without this two arms of a line plot share a colour.
+    plt.rcParams["axes.prop_cycle"] = plt.cycler(color=plt.get_cmap("tab20").colors)
     arms = finished(root)
     out.mkdir(parents=True, exist_ok=True)
     made = []
-    fig, ax = plt.subplots(figsize=(7, 3.6), dpi=110)
+    fig, ax = plt.subplots(figsize=(9, 3.6), dpi=110)
     for name, folder in arms.items():
         res = _load(folder, "diagnose")["residual"]
         ax.plot([r["block"] for r in res], [r["max_abs"] for r in res], marker=".", label=name)
     ax.set(yscale="log", xlabel="block", ylabel="residual max |x|", title="SmolLM2: max |x| per block, by arm")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     made.append((save_figure(fig, out / f"{prefix}-max.png").name, "Residual-stream max |x| per block, by arm"))
 
-    fig, ax = plt.subplots(figsize=(7, 3.6), dpi=110)
+    fig, ax = plt.subplots(figsize=(9, 3.6), dpi=110)
     for name, folder in arms.items():
         ft = _load(folder, "finetune")
         if ft:
             ax.plot([h["step"] for h in ft["history"]], [h["sigma_max"] for h in ft["history"]], label=name)
     ax.set(xlabel="step", ylabel="largest σ₁ over all Linears", title="σ₁ over training steps")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     made.append((save_figure(fig, out / f"{prefix}-sigma.png").name, "Largest σ₁ of SmolLM2's Linears over steps"))
 
     fig, ax = plt.subplots(figsize=(7, 3.6), dpi=110)
