@@ -216,7 +216,7 @@ def answers(root: Path) -> list[str]:
     outliers, W4A4 (RTN, and with rotation or SmoothQuant: does S2D still add anything) and the FP cost,
     counting arms rather than picking one."""
     arms = finished(root)
-    pairs = [(n, f, arms[_control(n, arms)]) for n, f in arms.items() if n.startswith("s2d") and _control(n, arms)]
+    pairs = [(n, f, arms[c]) for n, f in arms.items() if n.startswith("s2d") and (c := _control(n, arms))]
     if not pairs:
         return []
 
@@ -248,9 +248,8 @@ def _control(name: str, arms: dict[str, Path]) -> str | None:
     """The AdamW arm an S2D arm is judged against: same seed, and the same parametrization (a norm-folded arm
     against AdamW on the folded model, once that control has run; folding alone changes the quantized cells)."""
     seed = name.rsplit("-s", 1)[1]
-    if "-fold" in name:
-        return f"adamw-fold-s{seed}" if f"adamw-fold-s{seed}" in arms else None
-    return f"adamw-s{seed}" if f"adamw-s{seed}" in arms else None
+    control = f"adamw-fold-s{seed}" if "-fold" in name else f"adamw-s{seed}"
+    return control if control in arms else None
 
 
 def _against(folder: Path, base: Path) -> str:
@@ -329,12 +328,12 @@ def figures(root: Path, out: Path, prefix: str = "exp-smollm2") -> list[tuple[st
 
     from s2d.report.figures import save_figure
 
-    # More arms than the default 10-colour cycle: without this two arms of a line plot share a colour.
-    plt.rcParams["axes.prop_cycle"] = plt.cycler(color=plt.get_cmap("tab20").colors)
+    many = plt.get_cmap("tab20").colors  # more arms than the default 10 colours: line plots would repeat one
     arms = finished(root)
     out.mkdir(parents=True, exist_ok=True)
     made = []
     fig, ax = plt.subplots(figsize=(9, 3.6), dpi=110)
+    ax.set_prop_cycle(color=many)
     for name, folder in arms.items():
         res = _load(folder, "diagnose")["residual"]
         ax.plot([r["block"] for r in res], [r["max_abs"] for r in res], marker=".", label=name)
@@ -343,6 +342,7 @@ def figures(root: Path, out: Path, prefix: str = "exp-smollm2") -> list[tuple[st
     made.append((save_figure(fig, out / f"{prefix}-max.png").name, "Residual-stream max |x| per block, by arm"))
 
     fig, ax = plt.subplots(figsize=(9, 3.6), dpi=110)
+    ax.set_prop_cycle(color=many)
     for name, folder in arms.items():
         ft = _load(folder, "finetune")
         if ft:

@@ -21,6 +21,12 @@ from pathlib import Path
 
 TASKS = "ppl:wiki,analogy-mc,polarity,wiki-cloze"  # perplexity on the first 16,384 wiki test tokens
 KEEPS = ("0.8", "0.9", "0.7")
+ZERO_SHOT = ("analogy-mc", "polarity", "wiki-cloze")
+
+
+def mean_acc(ev: dict) -> float:
+    """Mean accuracy over the three zero-shot tasks of a cell's eval block."""
+    return sum(ev[t]["acc"] for t in ZERO_SHOT) / len(ZERO_SHOT)
 
 
 def cells() -> dict[str, list[str]]:
@@ -97,9 +103,9 @@ def table(root: Path) -> str:
             continue
         m = json.loads(path.read_text())
         s, ev = m["compression"]["summary"], m["eval"]
-        accs = [ev[t]["acc"] for t in ("analogy-mc", "polarity", "wiki-cloze")]
         rows.append((name, round(s["fraction_kept"], 4), round(s["block_linear_fraction_kept"], 4),
-                     round(ev["ppl:wiki@128"]["ppl"], 2), *[round(a, 3) for a in accs], round(sum(accs) / 3, 3),
+                     round(ev["ppl:wiki@128"]["ppl"], 2), *[round(ev[t]["acc"], 3) for t in ZERO_SHOT],
+                     round(mean_acc(ev), 3),
                      round(m["compression"]["seconds"]), recorded_threads(root / name) or ""))
     return md_table(["cell", "params kept", "block-Linear params kept", "wiki test ppl@128", "analogy-mc acc",
                      "polarity acc", "wiki-cloze acc", "mean acc", "compress wall s", "threads"], rows)
@@ -118,11 +124,10 @@ def search_rows(root: Path) -> list[list]:
         c, ev = m["compression"], m["eval"]
         info = c["search"]
         limit = info["ppl_ref"] * info["tolerance"] ** info["layers_processed"]
-        accs = [ev[t]["acc"] for t in ("analogy-mc", "polarity", "wiki-cloze")]
         rows.append([name, "yes" if info["target_reached"] else "no", round(c["summary"]["fraction_kept"], 4),
                      info["layers_processed"], len(c["ranks"]),
                      f"{info['ppl_ref']:.2f} → {info['ppl_final']:.2f}", round(limit, 2),
-                     round(ev["ppl:wiki@128"]["ppl"], 2), round(sum(accs) / 3, 3), round(c["seconds"]),
+                     round(ev["ppl:wiki@128"]["ppl"], 2), round(mean_acc(ev), 3), round(c["seconds"]),
                      recorded_threads(root / name) or ""])
     return rows
 
@@ -143,9 +148,8 @@ def search_stops(root: Path) -> list[str]:
         dense = [layer for layer in walked if layer not in m["compression"]["ranks"]]
         roles = ", ".join(f"{role} {n}" for role, n in Counter(x.rsplit(".", 1)[1] for x in dense).most_common())
         ev = m["eval"]
-        acc = sum(ev[t]["acc"] for t in ("analogy-mc", "polarity", "wiki-cloze")) / 3
         lines.append(f"{name} stopped at {m['compression']['summary']['fraction_kept']:.2%} of the parameters "
-                     f"(wiki test ppl {ev['ppl:wiki@128']['ppl']:.2f}, mean zero-shot accuracy {acc:.3f}), "
+                     f"(wiki test ppl {ev['ppl:wiki@128']['ppl']:.2f}, mean zero-shot accuracy {mean_acc(ev):.3f}), "
                      f"above its target: it walked {len(walked)} Linears and kept {len(dense)} dense because no "
                      f"candidate rank that saves parameters kept the search perplexity within its limit ({roles}); "
                      "going lower needs a looser `--tolerance`.")
@@ -161,7 +165,7 @@ def reading(root: Path) -> list[str]:
         if not path.is_file():
             return None
         ev = json.loads(path.read_text())["eval"]
-        return (ev["ppl:wiki@128"]["ppl"], sum(ev[t]["acc"] for t in ("analogy-mc", "polarity", "wiki-cloze")) / 3)
+        return ev["ppl:wiki@128"]["ppl"], mean_acc(ev)
 
     read = {name: cell(name) for name in cells()}  # each cell's metrics.json once
     cell = read.get

@@ -548,8 +548,8 @@ def write_readme(readme: Path, heads: dict[str, str], only: list[str] | None) ->
         if not old:
             print("README results block has no section markers: left alone (run without --only to rebuild it)")
             return
-        heads = {f.__name__: heads.get(f.__name__, old.get(f.__name__)) for f in SECTIONS
-                 if (f.__name__ in only and f.__name__ in heads) or (f.__name__ not in only and f.__name__ in old)}
+        source = {f.__name__: heads if f.__name__ in only else old for f in SECTIONS}
+        heads = {name: part[name] for name, part in source.items() if name in part}
     body = "".join(MARK.format(name) + "\n" + part.rstrip("\n") + "\n\n" for name, part in heads.items())
     atomic_write_text(readme, f"{head}{start}\n{body}{note}{end}{tail}")
 
