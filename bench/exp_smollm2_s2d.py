@@ -44,6 +44,10 @@ ARMS = {
     # The control for the fold arm: the same folded model and selection, no decay (is it the folding or S2D?).
     "adamw-fold": [*S2D, "--reg-option", "form=decoupled", "--reg-option", "lam=0", "--reg-option", "fold_norms=true"],
     "kure-lam1": ["--reg", "kure", "--reg-option", "lam=1.0"],  # the default 1e-2 barely moved its penalty here
+    # Two more selection rules (experiment 4): a low τ over all rows reaches block 11's down_proj too, and a high
+    # τ over the outlier rows leaves it out (bench/s2d_selection.py tabulates which Linears each rule picks).
+    "s2d-decoupled-tau0.5": [*DECOUPLED, "--reg-option", "tau=0.5"],
+    "s2d-decoupled-outliers-tau0.95": [*DECOUPLED, "--reg-option", "pcdr_rows=outliers", "--reg-option", "tau=0.95"],
 }
 DEFAULT_ARMS = ["start", "adamw", "s2d-decoupled", "s2d-decoupled-fold", "s2d-coupled", "specnorm", "kure",
                 "s2d-decoupled-outliers"]
@@ -270,6 +274,9 @@ def _against(folder: Path, base: Path) -> str:
 LEVERS = [
     ("selection: τ 0.95 over all rows' PCDR → τ 0.8 over the outlier rows'", "s2d-decoupled",
      "s2d-decoupled-outliers"),
+    ("selection: τ 0.95 → 0.5 over all rows' PCDR", "s2d-decoupled", "s2d-decoupled-tau0.5"),
+    ("selection: τ 0.8 → 0.95 over the outlier rows' PCDR", "s2d-decoupled-outliers",
+     "s2d-decoupled-outliers-tau0.95"),
     ("form: decoupled (λ 2) → coupled through Adam (λ 5e-4)", "s2d-decoupled", "s2d-coupled"),
     ("norm gains folded into the spectra", "s2d-decoupled", "s2d-decoupled-fold"),
     ("norm gains folded, no S2D (the S2D machinery at λ 0)", "adamw", "adamw-fold"),

@@ -368,7 +368,8 @@ def experiments_levers(r: Results) -> None:
     smollm2_experiment(r, "exp-smollm2-levers", "## Experiment 1, second run: every lever at seed 0",
                        intro="A second run of the same script into its own root, with the arms the first run had not "
                              "reached (coupled S2D, norm folding with its control — AdamW on the folded model —, the λ "
-                             "sweep, spectral-norm regularization, KURE at two λ) "
+                             "sweep, spectral-norm regularization, KURE at two λ, two more S2D "
+                             "selection rules: τ 0.5 over all rows and τ 0.95 over the outlier rows) "
                              "beside the baselines they are read against (AdamW, and the two decoupled S2D "
                              "selections) rerun with the same seed, so that every comparison below is between "
                              "folders of this run. Each arm ran on one torch thread, two arms at a time.",
