@@ -125,13 +125,32 @@ def finished(root: Path) -> dict[str, Path]:
 
 
 def selected_layers(root: Path) -> list[str]:
-    """The Linears the first refresh of any S2D arm selected (the same start model, so the same choice)."""
+    """The Linears the first refresh of any finished S2D arm selected (the same start model, so the same choice
+    for the same rule)."""
     names: list[str] = []
-    for folder in sorted(root.glob("s2d-*")):
-        ft = _load(folder, "finetune")
+    for name, folder in finished(root).items():
+        ft = _load(folder, "finetune") if name.startswith("s2d") else None
         if ft and ft.get("refreshes"):
             names += [n for n in ft["refreshes"][0]["selected"] if n not in names]
     return names
+
+
+def _own_selection(name: str, folder: Path, arms: dict[str, Path]) -> str:
+    """σ₁ max and mean PCDR₁ of the Linears this S2D arm selected at step 0, in its AdamW control and in it: what
+    the decay did to the layers it aimed at, at equal budget (the union columns mix every rule's choice)."""
+    from s2d.report.markdown import fmt
+
+    ft, control = _load(folder, "finetune"), _control(name, arms)
+    if not (name.startswith("s2d") and ft and ft.get("refreshes") and control):
+        return "-"
+    own = ft["refreshes"][0]["selected"]
+
+    def stats(f: Path) -> tuple[float, float]:
+        lin = {x["name"]: x for x in _load(f, "diagnose")["linears"]}
+        return max(lin[n]["sigma1"] for n in own), sum(lin[n]["pcdr"][0] for n in own) / len(own)
+
+    (s_ctl, p_ctl), (s_arm, p_arm) = stats(arms[control]), stats(folder)
+    return f"{fmt(s_ctl)} → {fmt(s_arm)}; {p_ctl:.3f} → {p_arm:.3f}"
 
 
 def table(root: Path) -> str:
@@ -139,7 +158,8 @@ def table(root: Path) -> str:
 
     quality, outliers = [], []
     sel = selected_layers(root)
-    for name, folder in finished(root).items():
+    arms = finished(root)
+    for name, folder in arms.items():
         q = _load(folder, "quant")["results"]
         ev, d, ft = _load(folder, "eval")["tasks"], _load(folder, "diagnose"), _load(folder, "finetune")
         ppl = {k: v["eval"]["ppl:wiki@128"]["ppl"] for k, v in q.items()}
@@ -153,13 +173,15 @@ def table(root: Path) -> str:
                          max((x["output"]["max_abs"] for x in top), default=None),
                          max((x["sigma1"] for x in top), default=None),
                          sum(x["pcdr"][0] for x in top) / len(top) if top else None,
-                         len(ft["refreshes"][0]["selected"]) if ft and ft.get("refreshes") else 0])
+                         len(ft["refreshes"][0]["selected"]) if ft and ft.get("refreshes") else 0,
+                         _own_selection(name, folder, arms)])
     q_head = ["arm", "FP ppl", "W8A8", "W6A6", "W4A4", "W4A4 per-tensor A", "W6A6 rot", "W4A4 rot", "W6A6 smooth",
               "W4A4 smooth", "polarity (FP)", "analogy (FP)", "train s"]
     gptq = [[name, *[_ppl(f, f"{s} gptq", "quant-gptq") for s in SCHEMES.split(",")]]
-            for name, f in finished(root).items() if _load(f, "quant-gptq")]  # '-': that cell is still to run
+            for name, f in arms.items() if _load(f, "quant-gptq")]  # '-': that cell is still to run
     o_head = ["arm", "residual max |x|", "massive entries", "σ₁ max (all)", f"max |x| out of the {len(sel)} "
-              "selected", "σ₁ max (selected)", "mean PCDR₁ (selected)", "layers selected at step 0"]
+              "selected", "σ₁ max (selected)", "mean PCDR₁ (selected)", "layers selected at step 0",
+              "its own selection: σ₁ max; mean PCDR₁ (AdamW → arm)"]
     parts = [md_table(q_head, quality), md_table(o_head, outliers)]
     if gptq:
         parts.append("With GPTQ weights (`--gptq`; per-token activations; '-' marks a cell the resumable stage has "
