@@ -124,6 +124,12 @@ def finished(root: Path) -> dict[str, Path]:
     return dict(sorted(done.items(), key=lambda kv: not kv[0].startswith("start")))
 
 
+def steps_run(arms: dict[str, Path]) -> str:
+    """The fine-tuning steps the arms ran, read from their runs ('0' for the starting model alone)."""
+    steps = sorted({ft["steps"] for f in arms.values() if (ft := _load(f, "finetune"))})
+    return " / ".join(f"{n:,}" for n in steps) or "0"
+
+
 def selected_layers(root: Path) -> list[str]:
     """The Linears the first refresh of any finished S2D arm selected (the same start model, so the same choice
     for the same rule)."""

@@ -373,11 +373,31 @@ def experiments_levers(r: Results) -> None:
                              "beside the baselines they are read against (AdamW, and the two decoupled S2D "
                              "selections) rerun with the same seed, so that every comparison below is between "
                              "folders of this run. Each arm ran on one torch thread, two arms at a time.",
-                       brief=True)
+                       brief=True, not_varied="here steps (the third run's lever) and targets were"
+                       if (r.runs / "exp-smollm2-steps300").is_dir() else "steps and targets were")
+
+
+def experiments_steps(r: Results) -> None:
+    smollm2_experiment(r, "exp-smollm2-steps300", "## Experiment 1, third run: 300 steps instead of 100",
+                       intro="The steps lever: AdamW and the headline S2D arm (τ 0.8 over the outlier rows, λ 2) "
+                             "fine-tuned three times as long, everything else as in the second run (so the lr "
+                             "schedule stretches over 300 steps and S2D refreshes 12 times instead of 4).",
+                       brief=True, args="--steps 300 --arms adamw s2d-decoupled-outliers")
+    import exp_smollm2_s2d
+
+    short, long = r.runs / "exp-smollm2-levers", r.runs / "exp-smollm2-steps300"
+    if not (short.is_dir() and long.is_dir()):
+        return
+    before, after = exp_smollm2_s2d.finished(short), exp_smollm2_s2d.finished(long)
+    lines = [f"`{name}`, 100 → 300 steps: {exp_smollm2_s2d._against(after[name], before[name])}."
+             for name in after if name in before]
+    if lines:
+        r.text("Each arm at 300 steps against itself at 100 (the second run's folder):", True)
+        r.text("\n".join(f"- {line}" for line in lines), True)
 
 
 def smollm2_experiment(r: Results, root_name: str, title: str, intro: str = "", headline: bool = False,
-                       brief: bool = False) -> None:
+                       brief: bool = False, args: str = "", not_varied: str = "steps and targets were") -> None:
     """One run of the SmolLM2 experiment. headline: all of it goes to the README too; brief: only its title,
     command, plain answers and levers do."""
     root = r.runs / root_name
@@ -391,11 +411,13 @@ def smollm2_experiment(r: Results, root_name: str, title: str, intro: str = "", 
         r.missing.append(str(root))
         return
     r.text(title, headline or brief)
-    r.quote("python bench/exp_smollm2_s2d.py" + ("" if root_name == "exp-smollm2" else f" --root runs/{root_name}")
-            + "   # --table reprints the tables, --figures DIR redraws the figures", headline or brief)
+    root_arg = "" if root_name == "exp-smollm2" else f" --root runs/{root_name}"
+    r.quote(f"python bench/exp_smollm2_s2d.py{root_arg}{' ' + args if args else ''}"
+            "   # --table reprints the tables, --figures DIR redraws the figures", headline or brief)
     if intro:
         r.text(intro)
-    r.text("Every arm: 100 steps of AdamW at lr 5e-5, batch 2×256 wiki-train tokens, the seed in its name "
+    steps = exp_smollm2_s2d.steps_run(done)
+    r.text(f"Every arm: {steps} steps of AdamW at lr 5e-5, batch 2×256 wiki-train tokens, the seed in its name "
            "(`-s0`, `-s1`; every arm starts from the same pre-trained model, so the seed draws which wiki-train "
            "windows make the batches); quantized cells "
            "score wiki-test ppl@128 on 8,192 tokens (per-token activations unless marked). Arm options: "
@@ -412,8 +434,8 @@ def smollm2_experiment(r: Results, root_name: str, title: str, intro: str = "", 
         r.text("\n".join(f"- {line}" for line in answers), headline or brief)
     levers = exp_smollm2_s2d.levers(root)
     if levers:
-        r.text("**Levers**, one setting changed at a time (seed 0; every arm 100 steps, every Linear eligible, "
-               "the selection rule decides which are decayed; steps and targets were not varied):", brief)
+        r.text(f"**Levers**, one setting changed at a time (seed 0; every arm {steps} steps, every Linear eligible, "
+               f"the selection rule decides which are decayed; {not_varied} not varied):", brief)
         r.text("\n".join(f"- {line}" for line in levers), brief)
     if headline:
         r.text("For reference, **the paper's figures (theirs, not measured here)**: SigLIP2-B on ImageNet-1k top-1, "
@@ -485,7 +507,7 @@ def minilm(r: Results) -> None:
 
 
 SECTIONS = (evaluation, diagnose, quantization, quant_speed, training, selection, experiments, experiments_levers,
-            vision, minilm, lowrank, lowrank_search)
+            experiments_steps, vision, minilm, lowrank, lowrank_search)
 MARK = "<!-- section:{} -->"
 
 
