@@ -260,9 +260,10 @@ def answers(root: Path) -> list[str]:
 
     peak = [(n, _peak(f) / _peak(b) - 1) for n, f, b in pairs]
     fewer = [(n, v) for n, v in peak if v < -0.05]
+    rest = listed([p for p in peak if p not in fewer])
     lines = [f"Does S2D reduce the outliers? In {len(fewer)} of {len(pairs)} S2D runs the residual max |x| fell by "
-             f"more than 5% against AdamW of the same seed ({listed(fewer) or 'none'}); the others moved it by "
-             f"{listed([p for p in peak if p not in fewer]) or 'nothing'}."]
+             f"more than 5% against AdamW of the same seed ({listed(fewer) or 'none'})"
+             + (f"; the others moved it by {rest}." if rest else ".")]
     for cell, label in (("W4A4 rtn", "W4A4 with RTN"), ("W4A4 rotate+rtn", "W4A4 with rotation"),
                         ("W4A4 smooth+rtn", "W4A4 with SmoothQuant")):
         ch = [(n, change(f, b, cell)) for n, f, b in pairs]

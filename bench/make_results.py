@@ -382,7 +382,8 @@ def experiments_steps(r: Results) -> None:
                        intro="The steps lever: AdamW and the headline S2D arm (τ 0.8 over the outlier rows, λ 2) "
                              "fine-tuned three times as long, everything else as in the second run (so the lr "
                              "schedule stretches over 300 steps and S2D refreshes 12 times instead of 4).",
-                       brief=True, args="--steps 300 --arms adamw s2d-decoupled-outliers")
+                       brief=True, args="--steps 300 --arms adamw s2d-decoupled-outliers",
+                       not_varied="steps are varied against the second run (below); targets were")
     import exp_smollm2_s2d
 
     short, long = r.runs / "exp-smollm2-levers", r.runs / "exp-smollm2-steps300"
