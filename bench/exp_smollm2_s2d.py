@@ -130,32 +130,21 @@ def steps_run(arms: dict[str, Path]) -> str:
     return " / ".join(f"{n:,}" for n in steps) or "0"
 
 
-def selected_layers(root: Path) -> list[str]:
-    """The Linears the first refresh of any finished S2D arm selected (the same start model, so the same choice
-    for the same rule)."""
-    names: list[str] = []
-    for name, folder in finished(root).items():
-        ft = _load(folder, "finetune") if name.startswith("s2d") else None
-        if ft and ft.get("refreshes"):
-            names += [n for n in ft["refreshes"][0]["selected"] if n not in names]
-    return names
+def _first_selection(ft: dict | None) -> list[str]:
+    """The Linears a run's first S2D refresh selected (the same start model, so the same choice for the same rule);
+    none for a run without S2D."""
+    return ft["refreshes"][0]["selected"] if ft and ft.get("refreshes") else []
 
 
-def _own_selection(name: str, folder: Path, arms: dict[str, Path]) -> str:
-    """σ₁ max and mean PCDR₁ of the Linears this S2D arm selected at step 0, in its AdamW control and in it: what
-    the decay did to the layers it aimed at, at equal budget (the union columns mix every rule's choice)."""
+def _own_selection(own: list[str], control: dict[str, dict], arm: dict[str, dict]) -> str:
+    """σ₁ max and mean PCDR₁ of the Linears an S2D arm selected at step 0, in its AdamW control and in it (each a
+    diagnose's Linears by name): what the decay did to the layers it aimed at, at equal budget."""
     from s2d.report.markdown import fmt
 
-    ft, control = _load(folder, "finetune"), _control(name, arms)
-    if not (name.startswith("s2d") and ft and ft.get("refreshes") and control):
-        return "-"
-    own = ft["refreshes"][0]["selected"]
-
-    def stats(f: Path) -> tuple[float, float]:
-        lin = {x["name"]: x for x in _load(f, "diagnose")["linears"]}
+    def stats(lin: dict[str, dict]) -> tuple[float, float]:
         return max(lin[n]["sigma1"] for n in own), sum(lin[n]["pcdr"][0] for n in own) / len(own)
 
-    (s_ctl, p_ctl), (s_arm, p_arm) = stats(arms[control]), stats(folder)
+    (s_ctl, p_ctl), (s_arm, p_arm) = stats(control), stats(arm)
     return f"{fmt(s_ctl)} → {fmt(s_arm)}; {p_ctl:.3f} → {p_arm:.3f}"
 
 
@@ -163,24 +152,29 @@ def table(root: Path) -> str:
     from s2d.report import md_table
 
     quality, outliers = [], []
-    sel = selected_layers(root)
     arms = finished(root)
+    tuned = {name: _load(folder, "finetune") for name, folder in arms.items()}
+    diag = {name: _load(folder, "diagnose") for name, folder in arms.items()}
+    linears = {name: {x["name"]: x for x in d["linears"]} for name, d in diag.items()}
+    first = {name: _first_selection(ft) for name, ft in tuned.items()}
+    sel: list[str] = []  # the union over the S2D arms (the fold control's selection is never decayed)
+    for name, names in first.items():
+        sel += [n for n in names if name.startswith("s2d") and n not in sel]
     for name, folder in arms.items():
         q = _load(folder, "quant")["results"]
-        ev, d, ft = _load(folder, "eval")["tasks"], _load(folder, "diagnose"), _load(folder, "finetune")
+        ev, d, lin = _load(folder, "eval")["tasks"], diag[name], linears[name]
         ppl = {k: v["eval"]["ppl:wiki@128"]["ppl"] for k, v in q.items()}
         quality.append([name, ppl["FP"], ppl["W8A8 rtn"], ppl["W6A6 rtn"], ppl["W4A4 rtn"], _per_tensor(folder),
                         ppl["W6A6 rotate+rtn"], ppl["W4A4 rotate+rtn"], ppl["W6A6 smooth+rtn"],
                         ppl["W4A4 smooth+rtn"], ev["polarity"]["acc"], ev["analogy-mc"]["acc"],
-                        _train_seconds(folder, ft)])
-        lin = {x["name"]: x for x in d["linears"]}
+                        _train_seconds(folder, tuned[name])])
         top = [lin[n] for n in sel if n in lin]
+        control = _control(name, arms) if name.startswith("s2d") else None
         outliers.append([name, d["severity"]["max_abs"], d["severity"]["massive_count"], d["severity"]["sigma1_max"],
                          max((x["output"]["max_abs"] for x in top), default=None),
                          max((x["sigma1"] for x in top), default=None),
-                         sum(x["pcdr"][0] for x in top) / len(top) if top else None,
-                         len(ft["refreshes"][0]["selected"]) if ft and ft.get("refreshes") else 0,
-                         _own_selection(name, folder, arms)])
+                         sum(x["pcdr"][0] for x in top) / len(top) if top else None, len(first[name]),
+                         _own_selection(first[name], linears[control], lin) if control and first[name] else "-"])
     q_head = ["arm", "FP ppl", "W8A8", "W6A6", "W4A4", "W4A4 per-tensor A", "W6A6 rot", "W4A4 rot", "W6A6 smooth",
               "W4A4 smooth", "polarity (FP)", "analogy (FP)", "train s"]
     gptq = [[name, *[_ppl(f, f"{s} gptq", "quant-gptq") for s in SCHEMES.split(",")]]
@@ -239,7 +233,7 @@ def reading(root: Path) -> list[str]:
                          f"{fmt(_peak(start))} → {fmt(_peak(folder))}.")
         if base is None or folder in (base, start):
             continue
-        lines.append(f"{name} against AdamW: {_against(folder, base)}.")
+        lines.append(f"{name} against AdamW: {against(folder, base)}.")
     return lines
 
 
@@ -285,7 +279,7 @@ def _control(name: str, arms: dict[str, Path]) -> str | None:
     return control if control in arms else None
 
 
-def _against(folder: Path, base: Path) -> str:
+def against(folder: Path, base: Path) -> str:
     """One arm against another: FP cost, the quantized cells that matter, and the outlier, with changes."""
     from s2d.report.markdown import fmt
 
@@ -323,7 +317,7 @@ def levers(root: Path) -> list[str]:
     from s2d.report.markdown import fmt
 
     arms = finished(root)
-    lines = [f"{lever} (`{b}` against `{a}`): {_against(arms[f'{b}-s0'], arms[f'{a}-s0'])}."
+    lines = [f"{lever} (`{b}` against `{a}`): {against(arms[f'{b}-s0'], arms[f'{a}-s0'])}."
              for lever, a, b in LEVERS if f"{a}-s0" in arms and f"{b}-s0" in arms]
     per_tensor = [f"{name} {fmt(_ppl(f, 'W4A4 rtn'))} → {fmt(_per_tensor(f))}" for name, f in arms.items()
                   if name.endswith("-s0")]

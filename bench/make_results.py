@@ -364,8 +364,11 @@ def experiments(r: Results) -> None:
     smollm2_experiment(r, "exp-smollm2", "## Experiment 1 in miniature: S2D on SmolLM2", headline=True)
 
 
+LEVERS_ROOT, STEPS_ROOT = "exp-smollm2-levers", "exp-smollm2-steps300"  # the second and third SmolLM2 runs
+
+
 def experiments_levers(r: Results) -> None:
-    smollm2_experiment(r, "exp-smollm2-levers", "## Experiment 1, second run: every lever at seed 0",
+    smollm2_experiment(r, LEVERS_ROOT, "## Experiment 1, second run: every lever at seed 0",
                        intro="A second run of the same script into its own root, with the arms the first run had not "
                              "reached (coupled S2D, norm folding with its control — AdamW on the folded model —, the λ "
                              "sweep, spectral-norm regularization, KURE at two λ, two more S2D "
@@ -374,11 +377,11 @@ def experiments_levers(r: Results) -> None:
                              "selections) rerun with the same seed, so that every comparison below is between "
                              "folders of this run. Each arm ran on one torch thread, two arms at a time.",
                        brief=True, not_varied="here steps (the third run's lever) and targets were"
-                       if (r.runs / "exp-smollm2-steps300").is_dir() else "steps and targets were")
+                       if (r.runs / STEPS_ROOT).is_dir() else "steps and targets were")
 
 
 def experiments_steps(r: Results) -> None:
-    smollm2_experiment(r, "exp-smollm2-steps300", "## Experiment 1, third run: 300 steps instead of 100",
+    smollm2_experiment(r, STEPS_ROOT, "## Experiment 1, third run: 300 steps instead of 100",
                        intro="The steps lever: AdamW and the headline S2D arm (τ 0.8 over the outlier rows, λ 2) "
                              "fine-tuned three times as long, everything else as in the second run (so the lr "
                              "schedule stretches over 300 steps and S2D refreshes 12 times instead of 4).",
@@ -386,14 +389,15 @@ def experiments_steps(r: Results) -> None:
                        not_varied="steps are varied against the second run (below); targets were")
     import exp_smollm2_s2d
 
-    short, long = r.runs / "exp-smollm2-levers", r.runs / "exp-smollm2-steps300"
+    short, long = r.runs / LEVERS_ROOT, r.runs / STEPS_ROOT
     if not (short.is_dir() and long.is_dir()):
         return
     before, after = exp_smollm2_s2d.finished(short), exp_smollm2_s2d.finished(long)
-    lines = [f"`{name}`, 100 → 300 steps: {exp_smollm2_s2d._against(after[name], before[name])}."
+    n_before, n_after = exp_smollm2_s2d.steps_run(before), exp_smollm2_s2d.steps_run(after)
+    lines = [f"`{name}`, {n_before} → {n_after} steps: {exp_smollm2_s2d.against(after[name], before[name])}."
              for name in after if name in before]
     if lines:
-        r.text("Each arm at 300 steps against itself at 100 (the second run's folder):", True)
+        r.text(f"Each arm at {n_after} steps against itself at {n_before} (the second run's folder):", True)
         r.text("\n".join(f"- {line}" for line in lines), True)
 
 
