@@ -63,7 +63,8 @@ def test_an_interrupted_sweep_resumes_cell_by_cell(tmp_path):
     done["W8A8 rtn"]["eval"]["ppl:wiki@128"]["ppl"] = -1.0  # a marker: a resumed cell is read, not recomputed
     (out / "metrics.json").write_text(json.dumps({**json.loads((out / "metrics.json").read_text()),
                                                   "results": done}))
-    assert main([*first[:4], "W8A8,W4A4", *first[5:]]) == 0
+    assert main([*first[:4], "W8A8,W4A4", *first[5:]]) == 2  # a non-empty run folder needs --resume
+    assert main([*first[:4], "W8A8,W4A4", *first[5:], "--resume"]) == 0
     results = json.loads((out / "metrics.json").read_text())["results"]
     assert results["W8A8 rtn"]["eval"]["ppl:wiki@128"]["ppl"] == -1.0
     assert results["W4A4 rtn"]["eval"]["ppl:wiki@128"]["ppl"] > 1.0

@@ -44,9 +44,9 @@ def _finetune(args: argparse.Namespace) -> None:
     for key, value in overrides.items():
         setattr(config, key, value)
     if args.reg_option:
-        config.reg_config = dict(config.reg_config, **_parse_options(args.reg_option))
+        config.reg_config = dict(config.reg_config, **_parse_options(args.reg_option, "--reg-option"))
     out = args.out or default_run_dir("finetune")
-    result = finetune(args.model, config, out)
+    result = finetune(args.model, config, out, trust_remote_code=args.trust_remote_code, mode=_mode(args))
     print(f"finetuned {args.model} for {result.steps} steps in {result.seconds:.1f} s; run folder: {out}")
 
 
@@ -61,7 +61,7 @@ def _eval(args: argparse.Namespace) -> None:
     if args.batch_size is not None:
         config.batch_size = args.batch_size
     out = args.out or default_run_dir("eval")
-    metrics = run_eval(args.model, config, out, trust_remote_code=args.trust_remote_code)
+    metrics = run_eval(args.model, config, out, trust_remote_code=args.trust_remote_code, mode=_mode(args))
     for name, m in metrics["tasks"].items():
         value = f"ppl {m['ppl']:.4f} on {m['n_tokens']:,} tokens" if "ppl" in m else \
             f"acc {m['acc']:.4f} acc_norm {m['acc_norm']:.4f} on {m['n']} examples"
@@ -74,8 +74,13 @@ def _compress(args: argparse.Namespace) -> None:
     from s2d.lowrank.run import run_compress
     from s2d.runs import default_run_dir
 
-    ranks = {k: int(v) for k, v in _parse_options(args.ranks).items()} if args.ranks else None
-    config = LowRankConfig(method=args.method, keep=None if ranks and args.keep is None else (args.keep or 0.8),
+    ranks = _parse_options(args.ranks, "--ranks") if args.ranks else None
+    for role, rank in (ranks or {}).items():
+        if isinstance(rank, bool) or not isinstance(rank, int):
+            raise S2DError(f"--ranks {role}={rank!r}: a rank is a whole number, e.g. --ranks {role}=64")
+    # An explicit 0 must reach validation (and be refused there), not fall back to the default.
+    keep = args.keep if args.keep is not None else (None if ranks else LowRankConfig.keep)
+    config = LowRankConfig(method=args.method, keep=keep,
                            schedule=args.schedule, ranks=ranks, search=args.search, calib=args.calib,
                            n_samples=args.n_samples, seq_len=args.seq_len, seed=args.seed,
                            search_task=args.search_task, acc_tolerance=args.acc_tolerance,
@@ -83,7 +88,8 @@ def _compress(args: argparse.Namespace) -> None:
     tasks = tuple(t.strip() for t in args.eval.split(",") if t.strip()) if args.eval else ()
     out = args.out or default_run_dir("compress")
     m = run_compress(args.model, config, out, tasks, merge=args.merge, save_model=not args.no_model,
-                     eval_limit=args.limit, ppl_tokens=args.ppl_tokens)
+                     eval_limit=args.limit, ppl_tokens=args.ppl_tokens, trust_remote_code=args.trust_remote_code,
+                     mode=_mode(args))
     s = m["compression"]["summary"]
     print(f"{args.method}: {s['params_before']:,} -> {s['params_after']:,} parameters ({s['fraction_kept']:.2%} "
           f"of the model, {s['block_linear_fraction_kept']:.2%} of block Linears) in "
@@ -114,28 +120,41 @@ def _diagnose(args: argparse.Namespace) -> None:
     from s2d.runs import RunFolder, default_run_dir
 
     config = _diagnose_config(args)
-    run = RunFolder(args.out or default_run_dir("diagnose"), "diagnose", dict(config.to_dict(), model=args.model),
-                    seed=config.seed)
-    model, processor = load_model(args.model, trust_remote_code=args.trust_remote_code)
-    result = diagnose(model, processor, config)
-    run.write_metrics(dict(result, model=args.model))
-    paths = write_report(run, result, args.model, _command_line())
+    with RunFolder(args.out or default_run_dir("diagnose"), "diagnose", dict(config.to_dict(), model=args.model),
+                   seed=config.seed, mode=_mode(args)) as run:
+        model, processor = load_model(args.model, trust_remote_code=args.trust_remote_code)
+        result = diagnose(model, processor, config)
+        run.write_metrics(dict(result, model=args.model))
+        paths = write_report(run, result, args.model, _command_line())
     print("\n".join(result["reading"]))
     print(f"report: {paths['html']}\nrun folder: {run.path}")
 
 
 def _compare(args: argparse.Namespace) -> None:
+    from s2d.report.compare import rank
+    from s2d.runs import RunFolder, default_run_dir
+
+    if len(args.models) < 2:
+        raise S2DError(f"compare ranks two or more models, got one ({args.models[0]}); add another, or use "
+                       f"`s2d diagnose {args.models[0]}` for one model")
+    config = _diagnose_config(args)
+    with RunFolder(args.out or default_run_dir("compare"), "compare", dict(config.to_dict(), models=args.models),
+                   seed=config.seed, mode=_mode(args)) as run:
+        severities, details = _compare_into(run, args, config)
+    for i, (name, sev) in enumerate(rank(severities)):
+        print(f"{i + 1}. {name:<28} max|x| {sev['max_abs']:>10.4g}  mean kurtosis {sev['mean_kurtosis']:>9.4g}  "
+              f"massive {sev['massive_count']:>5}  σ₁ p99 {sev['sigma1_p99']:.4g}")
+    print(f"report: {run.path / 'report.html'}\nrun folder: {run.path}")
+
+
+def _compare_into(run, args: argparse.Namespace, config) -> tuple[dict, dict]:
     import dataclasses
 
     from s2d.arch import describe
     from s2d.assets import load_model
     from s2d.diagnose import diagnose
     from s2d.report.compare import rank, write_compare_report
-    from s2d.runs import RunFolder, default_run_dir
 
-    config = _diagnose_config(args)
-    run = RunFolder(args.out or default_run_dir("compare"), "compare", dict(config.to_dict(), models=args.models),
-                    seed=config.seed)
     severities, details = {}, {}
     for name in args.models:
         model, processor = load_model(name, trust_remote_code=args.trust_remote_code)
@@ -148,11 +167,8 @@ def _compare(args: argparse.Namespace) -> None:
                          "reading": result["reading"]}
         del model
     run.write_metrics({"severity": severities, "details": details, "ranking": [n for n, _ in rank(severities)]})
-    paths = write_compare_report(run, severities, details, _command_line())
-    for i, (name, sev) in enumerate(rank(severities)):
-        print(f"{i + 1}. {name:<28} max|x| {sev['max_abs']:>10.4g}  mean kurtosis {sev['mean_kurtosis']:>9.4g}  "
-              f"massive {sev['massive_count']:>5}  σ₁ p99 {sev['sigma1_p99']:.4g}")
-    print(f"report: {paths['html']}\nrun folder: {run.path}")
+    write_compare_report(run, severities, details, _command_line())
+    return severities, details
 
 
 def _quantize(args: argparse.Namespace) -> None:
@@ -173,28 +189,38 @@ def _quantize(args: argparse.Namespace) -> None:
     config = QuantRunConfig(schemes=schemes, methods=methods, tasks=parse_list(args.eval), n_samples=args.n_samples,
                             seq_len=args.seq_len, eval_seq_len=args.eval_seq_len, ppl_tokens=args.ppl_tokens,
                             limit=args.limit, seed=args.seed,
-                            overrides=_parse_options(args.option) if args.option else {})
+                            overrides=_parse_options(args.option, "--option") if args.option else {})
     if args.smooth is not None:
         config.smooth_alpha = args.smooth
     out = args.out or default_run_dir("quantize")
-    metrics = run_quantize(args.model, config, out, save_model=not args.no_model)
+    metrics = run_quantize(args.model, config, out, save_model=not args.no_model,
+                           trust_remote_code=args.trust_remote_code, mode=_mode(args))
     for key, entry in metrics["results"].items():
         values = "  ".join(f"{task} {r.get('ppl', r.get('acc')):.4g}" for task, r in entry["eval"].items())
         print(f"{key:<24} {values}")
     print(f"run folder: {out}")
 
 
-def _parse_options(pairs: list[str]) -> dict:
+def _parse_options(pairs: list[str], flag: str) -> dict:
     """KEY=VALUE pairs, values read as YAML scalars (numbers, booleans, strings)."""
     import yaml
 
     options = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
-        if not sep:
-            raise S2DError(f"--reg-option takes KEY=VALUE, got {pair!r}")
-        options[key.strip()] = yaml.safe_load(value)
+        if not sep or not key.strip():
+            raise S2DError(f"{flag} takes KEY=VALUE, got {pair!r}")
+        try:
+            options[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            raise S2DError(f"{flag} {pair!r}: the value is not a number, boolean or plain string ({err})") from err
     return options
+
+
+def _mode(args: argparse.Namespace) -> str:
+    from s2d.runs import run_mode
+
+    return run_mode(args.overwrite, getattr(args, "resume", False))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -206,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="print a model's family, size, blocks and Linears by role")
     p.add_argument("model", help="smollm2-135m, minilm-l6, tiny:<family>, or a local HF model folder")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
-    p.add_argument("--trust-remote-code", action="store_true", help="allow a local folder's custom code to run")
+    p.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
     p.set_defaults(func=_info)
 
     p = sub.add_parser("finetune", help="fine-tune with S2D or a baseline regularizer (torchrun -m s2d for DDP)")
@@ -229,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-every", dest="checkpoint_every", type=int)
     p.add_argument("--image-data", dest="image_data", choices=["digits", "fashion-mnist"])
     p.add_argument("--config", help="a TrainConfig YAML or JSON; flags override it")
-    p.add_argument("--out", help="run folder (default runs/finetune-<time>); an existing one is resumed")
+    _run_arguments(p, resumable=True)
     p.set_defaults(func=_finetune)
 
     p = sub.add_parser("eval", help="perplexity on held-out wiki text and zero-shot tasks; writes a run folder")
@@ -244,8 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="windows: GPTQ/QuaRot non-overlapping windows; rolling: lm-eval's loglikelihood_rolling")
     p.add_argument("--batch-size", dest="batch_size", type=int, help="sequences per forward for the tasks")
     p.add_argument("--seed", type=int, default=0, help="seed of the task builders")
-    p.add_argument("--out", help="run folder (default runs/eval-<time>)")
-    p.add_argument("--trust-remote-code", action="store_true", help="allow a local folder's custom code to run")
+    _run_arguments(p, resumable=False)
     p.set_defaults(func=_eval)
 
     p = sub.add_parser("compress", help="low-rank compression (svd, asvd, rom) by budget or surgical search")
@@ -274,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="perplexity on the first N tokens of the wiki test split")
     p.add_argument("--merge", action="store_true", help="save an ordinary dense folder (W = B·A)")
     p.add_argument("--no-model", dest="no_model", action="store_true", help="do not save the compressed model")
-    p.add_argument("--out", help="run folder (default runs/compress-<time>)")
+    _run_arguments(p, resumable=False)
     p.set_defaults(func=_compress)
 
     p = sub.add_parser("quantize", help="fake-quantize (RTN, GPTQ, SmoothQuant, rotation), evaluate, save")
@@ -297,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", dest="seq_len", type=int, default=512, help="calibration sequence length")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-model", dest="no_model", action="store_true", help="do not save the quantized model")
-    p.add_argument("--out", help="run folder (default runs/quantize-<time>)")
+    _run_arguments(p, resumable=True)
     p.set_defaults(func=_quantize)
 
     p = sub.add_parser("diagnose", help="activation outliers and their link to the weights' singular values")
@@ -321,8 +346,21 @@ def _diagnose_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seq-len", dest="seq_len", type=int, help="tokens per sequence (default 256)")
     p.add_argument("--batch-size", dest="batch_size", type=int, help="sequences per forward pass (default 4)")
     p.add_argument("--seed", type=int, help="seed of the calibration windows (default 0)")
-    p.add_argument("--out", help="run folder (default runs/<command>-<time>)")
-    p.add_argument("--trust-remote-code", action="store_true", help="allow a local folder's custom code to run")
+    _run_arguments(p, resumable=False)
+
+
+TRUST_HELP = "run the Python files a local model folder ships (its auto_map); only for code you have read and trust"
+
+
+def _run_arguments(p: argparse.ArgumentParser, resumable: bool) -> None:
+    """The flags of every command that loads a model and writes a run folder."""
+    p.add_argument("--out", help="run folder (default runs/<command>-<time>); it must be new or empty unless "
+                                 "--overwrite" + (" or --resume" if resumable else ""))
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run in --out (the old one is put back if the new one fails)")
+    if resumable:
+        p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
+    p.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -333,9 +371,36 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except S2DError as err:
-        print(f"s2d: error: {err}", file=sys.stderr)
+        print(f"s2d: error: {_one_line(err)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as err:
+        print(f"s2d: {_interrupted(err, sys.argv[1:] if argv is None else argv)}", file=sys.stderr)
+        return 130
+    except Exception as err:  # a bug, not bad input: one line, and the traceback on request
+        if args.verbose:
+            raise
+        print(f"s2d: internal error: {type(err).__name__}: {_one_line(err)}. This is a bug in s2d; run again "
+              "with -v for the traceback and report it", file=sys.stderr)
+        return 1
     return 0
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())
+
+
+def _interrupted(err: KeyboardInterrupt, argv: list[str]) -> str:
+    from s2d.runs import Interrupted
+
+    if not isinstance(err, Interrupted):
+        return "interrupted; nothing was written"
+    if err.resumable:
+        import shlex
+
+        again = " ".join(shlex.quote(a) for a in argv if a != "--overwrite")
+        again += "" if "--resume" in argv else " --resume"
+        return f"interrupted; the run in {err.path} keeps what it finished: resume with `s2d {again}`"
+    return f"interrupted; nothing of this run was kept in {err.path} (an earlier run there is as it was)"
 
 
 if __name__ == "__main__":

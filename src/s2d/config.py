@@ -25,6 +25,8 @@ class Config:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Self:
+        if not isinstance(data, dict):
+            raise S2DError(f"a {cls.__name__} is a mapping of field: value, got {type(data).__name__} {data!r:.80}")
         data = dict(data)
         kind = data.pop("kind", cls.__name__)
         version = data.pop("version", cls.VERSION)
@@ -36,6 +38,8 @@ class Config:
         unknown = set(data) - names
         if unknown:
             raise S2DError(f"unknown {kind} fields: {sorted(unknown)}; known: {sorted(names)}")
+        if not isinstance(version, int):
+            raise S2DError(f"{kind} version must be a whole number, got {version!r}")
         # YAML and JSON have no tuples: restore them where the field's default is one, so configs compare equal.
         for f in dataclasses.fields(cls):
             if f.name in data and isinstance(data[f.name], list) and isinstance(f.default, tuple):
@@ -63,8 +67,12 @@ class Config:
         path = Path(path)
         if not path.is_file():
             raise S2DError(f"config file {path} does not exist")
-        text = path.read_text()
-        return cls.from_json(text) if path.suffix == ".json" else cls.from_yaml(text)
+        try:
+            text = path.read_text()
+            return cls.from_json(text) if path.suffix == ".json" else cls.from_yaml(text)
+        except (yaml.YAMLError, ValueError, UnicodeDecodeError) as err:  # JSONDecodeError is a ValueError
+            raise S2DError(f"config file {path} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: "
+                           f"{' '.join(str(err).split())}. Fix it, or start from a run folder's config.yaml") from err
 
 
 def _coerce_number(kind: str, name: str, default: Any, value: Any) -> Any:

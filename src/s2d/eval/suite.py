@@ -118,7 +118,8 @@ def report_markdown(model_name: str, config: EvalConfig, results: dict, command:
     return "\n".join(parts)
 
 
-def run_eval(model_spec: str, config: EvalConfig, out: str | Path, trust_remote_code: bool = False) -> dict:
+def run_eval(model_spec: str, config: EvalConfig, out: str | Path, trust_remote_code: bool = False,
+             mode: str = "new") -> dict:
     """Load a model, evaluate it, and write config.yaml, metrics.json and report.md into the run folder `out`."""
     import sys
 
@@ -126,13 +127,13 @@ def run_eval(model_spec: str, config: EvalConfig, out: str | Path, trust_remote_
     from s2d.runs import RunFolder
 
     config.validate()
-    run = RunFolder(out, "eval", {"model": str(model_spec), **config.to_dict()}, seed=config.seed)
-    model, tokenizer = load_model(model_spec, trust_remote_code=trust_remote_code)
-    results = evaluate(model, tokenizer, config)
-    metrics = {"model": str(model_spec), "tasks": results,
-               "units": {"ppl": "exp(mean NLL per scored token)", "nll_mean": "nats per token",
-                         "acc": "fraction", "seconds": "wall-clock seconds"}}
-    run.write_metrics(metrics)
-    command = "s2d " + " ".join(sys.argv[1:]) if sys.argv[1:] else f"s2d eval {model_spec}"
-    run.write_text("report.md", report_markdown(str(model_spec), config, results, command))
+    with RunFolder(out, "eval", {"model": str(model_spec), **config.to_dict()}, seed=config.seed, mode=mode) as run:
+        model, tokenizer = load_model(model_spec, trust_remote_code=trust_remote_code)
+        results = evaluate(model, tokenizer, config)
+        metrics = {"model": str(model_spec), "tasks": results,
+                   "units": {"ppl": "exp(mean NLL per scored token)", "nll_mean": "nats per token",
+                             "acc": "fraction", "seconds": "wall-clock seconds"}}
+        run.write_metrics(metrics)
+        command = "s2d " + " ".join(sys.argv[1:]) if sys.argv[1:] else f"s2d eval {model_spec}"
+        run.write_text("report.md", report_markdown(str(model_spec), config, results, command))
     return metrics

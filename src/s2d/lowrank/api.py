@@ -87,13 +87,14 @@ def targets_of(desc: ModelDescription, filter: Filter | None = None) -> list:
     return [lin for lin in desc.linears() if keep(lin.module, lin.name)]
 
 
-def factors_for(method: str, module: nn.Module, stats, config: LowRankConfig, max_rank: int) -> Factors:
-    """The rank-ordered factors of one dense Linear by `method`, cut to `max_rank`."""
+def factors_for(method: str, module: nn.Module, stats, config: LowRankConfig, max_rank: int,
+                name: str = "this Linear") -> Factors:
+    """The rank-ordered factors of one dense Linear (called `name` in messages) by `method`, cut to `max_rank`."""
     if method == "svd":
-        return svd_factors(module.weight, module.bias, max_rank)
+        return svd_factors(module.weight, module.bias, max_rank, name)
     if method == "asvd":
-        return asvd_factors(module.weight, module.bias, stats, config.damp, max_rank)
-    return rom_factors(module.weight, module.bias, stats, max_rank)
+        return asvd_factors(module.weight, module.bias, stats, config.damp, max_rank, name)
+    return rom_factors(module.weight, module.bias, stats, max_rank, name)
 
 
 def plan_for(model: nn.Module, desc: ModelDescription, config: LowRankConfig, filter: Filter | None) -> RankPlan:
@@ -120,7 +121,7 @@ def collect_factors(desc: ModelDescription, max_ranks: dict[str, int], config: L
         names = by_block.get(i, [])
         stats = runner.collect(i, runner.groups(i, names), kind) if kind and names else {}
         for n in names:
-            out[n] = factors_for(config.method, model.get_submodule(n), stats.get(n), config, max_ranks[n])
+            out[n] = factors_for(config.method, model.get_submodule(n), stats.get(n), config, max_ranks[n], n)
         if runner is not None and i < last:
             runner.advance(i)
     return out
@@ -156,7 +157,7 @@ def decompose_blocks(desc: ModelDescription, ranks: dict[str, int], config: LowR
             for n in group:
                 module = model.get_submodule(n)
                 f = factors[n] if n in factors else factors_for(config.method, module, stats.get(n), config,
-                                                                ranks[n])
+                                                                ranks[n], n)
                 model.set_submodule(n, f.linear(ranks[n], dtype=module.weight.dtype))
         if runner is not None and i < last:
             runner.advance(i)
@@ -216,10 +217,10 @@ def _describe_in_config(model: nn.Module, config: LowRankConfig) -> None:
 
 
 def compress_folder(folder: str | Path, config: LowRankConfig, out: str | Path, filter: Filter | None = None,
-                    calib=None, tokenizer=None, progress: bool = True) -> CompressionReport:
+                    calib=None, tokenizer=None, progress: bool = True,
+                    trust_remote_code: bool = False) -> CompressionReport:
     """Compress the safetensors model in `folder` into `out`, reading and writing one block at a time."""
-    from transformers import AutoConfig, AutoTokenizer
-
+    from s2d.assets.hf import check_weight_files, pretrained_config, pretrained_tokenizer
     from s2d.assets.models import _model_class
     from s2d.io import atomic_dir
 
@@ -233,12 +234,13 @@ def compress_folder(folder: str | Path, config: LowRankConfig, out: str | Path, 
     raw_config = json.loads((folder / "config.json").read_text())
     if "low_rank" in raw_config:
         raise S2DError(f"{folder} is already low-rank; compress its dense original instead")
-    hf_config = AutoConfig.from_pretrained(folder)
+    hf_config = pretrained_config(folder, trust_remote_code)
+    check_weight_files(folder)
     model = skeleton(hf_config, _model_class(hf_config))
     model.tie_weights()
     desc = describe(model)
     if calib is None and tokenizer is None and STATS[config.method]:
-        tokenizer = AutoTokenizer.from_pretrained(folder)
+        tokenizer = pretrained_tokenizer(folder, trust_remote_code)
     plan = plan_for(model, desc, config, filter)
     batch, tokens = _batch(config, calib, tokenizer) if plan.ranks else (None, 0)
     by_name = {layer.name: layer for layer in plan.layers}

@@ -42,28 +42,38 @@ def _is_folder(spec: str) -> bool:
 
 def run_compress(model_spec: str, config: LowRankConfig, out: str | Path, eval_tasks: tuple[str, ...] = (),
                  merge: bool = False, save_model: bool = True, eval_limit: int | None = None,
-                 ppl_tokens: int = 16384) -> dict:
+                 ppl_tokens: int = 16384, trust_remote_code: bool = False, mode: str = "new") -> dict:
     """Compress `model_spec` and write config.yaml, metrics.json, report.md, figures/ranks.png and model/.
 
     A safetensors folder is compressed block by block from disk (bounded memory) unless a search needs the
     whole model; named models are compressed in memory.
     """
-    from s2d.assets import load_model
-    from s2d.lowrank.io import save
+    from s2d.eval.suite import EvalConfig
     from s2d.runs import RunFolder
 
     config.validate()
-    run = RunFolder(out, "compress", {"model": str(model_spec), "lowrank": config.to_dict(),
-                                      "eval": list(eval_tasks), "ppl_tokens": ppl_tokens, "merge": merge},
-                    seed=config.seed)
+    if eval_tasks:
+        EvalConfig(tasks=tuple(eval_tasks), limit=eval_limit, ppl_tokens=ppl_tokens).validate()
+    with RunFolder(out, "compress", {"model": str(model_spec), "lowrank": config.to_dict(),
+                                     "eval": list(eval_tasks), "ppl_tokens": ppl_tokens, "merge": merge},
+                   seed=config.seed, mode=mode) as run:
+        return _compress_into(run, model_spec, config, eval_tasks, merge, save_model, eval_limit, ppl_tokens,
+                              trust_remote_code)
+
+
+def _compress_into(run, model_spec: str, config: LowRankConfig, eval_tasks: tuple[str, ...], merge: bool,
+                   save_model: bool, eval_limit: int | None, ppl_tokens: int, trust_remote_code: bool) -> dict:
+    from s2d.assets import load_model
+    from s2d.lowrank.io import save
+
     model_dir = run.path / "model"
     model = tokenizer = None
     if _is_folder(model_spec) and not config.search and not merge:
-        report = compress_folder(model_spec, config, model_dir)
+        report = _from_disk(model_spec, config, model_dir, trust_remote_code)
         if eval_tasks:
             model, tokenizer = load_model(model_dir)
     else:
-        model, tokenizer = load_model(model_spec)
+        model, tokenizer = load_model(model_spec, trust_remote_code=trust_remote_code)
         probe = None
         if config.search == "task":
             from s2d.eval.search_probe import TaskProbe
@@ -93,10 +103,25 @@ def run_compress(model_spec: str, config: LowRankConfig, out: str | Path, eval_t
     return metrics
 
 
+def _from_disk(folder: str, config: LowRankConfig, out: Path, trust_remote_code: bool) -> CompressionReport:
+    """compress_folder, with a truncated or corrupt shard reported as the user's problem it is."""
+    from safetensors import SafetensorError
+
+    from s2d.errors import S2DError
+
+    try:
+        return compress_folder(folder, config, out, trust_remote_code=trust_remote_code)
+    except (SafetensorError, OSError, EOFError) as err:
+        raise S2DError(f"cannot read the weights in {folder}: {err}. The file may be truncated or corrupt: "
+                       "re-create it (re-run the command that wrote it, or copy it again)") from err
+
+
 def _json(obj) -> bytes:
     import json
 
-    return (json.dumps(obj, indent=1) + "\n").encode()
+    from s2d.io import nulled
+
+    return (json.dumps(nulled(obj), indent=1, allow_nan=False) + "\n").encode()
 
 
 def report_markdown(model_spec: str, report: CompressionReport, results: dict) -> str:

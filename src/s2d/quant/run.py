@@ -35,25 +35,57 @@ class QuantRunConfig(Config):
     limit: int | None = None
     seed: int = 0
     overrides: dict = field(default_factory=dict)  # extra QuantConfig fields, e.g. {"a_granularity": "per_tensor"}
+    # QuantConfig fields the run sets itself: an override of them would be overwritten or contradict the cell.
+    RUN_SETS = {"w_bits": "the scheme (--scheme W4A8 means w_bits=4, a_bits=8)", "a_bits": "the scheme (--scheme W4A8)",
+                "method": "--method (or --methods)", "smooth_alpha": "--smooth ALPHA", "rotate": "--rotate",
+                "seed": "--seed"}
 
     def validate(self) -> QuantRunConfig:
+        """Everything that can be checked without the model, so bad input fails before anything is loaded."""
+        import dataclasses
+
+        from s2d.quant.config import check_types
+
+        check_types(self)
+        if not self.schemes or not self.methods:
+            raise S2DError("give at least one scheme and one method (e.g. --scheme W4A8 --method rtn)")
         for m in self.methods:
             if m not in METHODS:
                 raise S2DError(f"unknown method {m!r}; use one of {', '.join(METHODS)}")
+        if not 0 <= self.smooth_alpha <= 1:
+            raise S2DError(f"--smooth ALPHA must be in [0, 1] (0.5 is SmoothQuant's default), got {self.smooth_alpha}")
+        fields = sorted({f.name for f in dataclasses.fields(QuantConfig)} - set(self.RUN_SETS))
+        for key in self.overrides:
+            if key in self.RUN_SETS:
+                raise S2DError(f"--option {key} is not an override: {key} is set by {self.RUN_SETS[key]}")
+            if key not in fields:
+                raise S2DError(f"unknown --option {key!r}; the QuantConfig fields it can set are {', '.join(fields)}")
         for s in self.schemes:
-            self.quant_config(s, "rtn")  # raises S2DError for bad bits
-        if self.n_samples < 1 or self.seq_len < 2:
-            raise S2DError("--n-samples must be ≥ 1 and --seq-len ≥ 2")
+            for m in self.methods:
+                self.quant_config(s, m)
+        if self.n_samples < 1 or self.seq_len < 2 or self.sqnr_samples < 1:
+            raise S2DError("--n-samples and sqnr_samples must be ≥ 1 and --seq-len ≥ 2")
+        self.eval_config().validate()
         return self
+
+    def eval_config(self):
+        """The evaluation every cell runs (an s2d.eval.suite.EvalConfig)."""
+        from s2d.eval.suite import EvalConfig
+
+        return EvalConfig(tasks=self.tasks, seq_lens=(self.eval_seq_len,), ppl_tokens=self.ppl_tokens,
+                          limit=self.limit, seed=self.seed)
 
     def quant_config(self, scheme: str, method: str) -> QuantConfig:
         *baseline, weights = method.split("+")
-        extra = dict(self.overrides)
+        extra = {**self.overrides, "method": weights, "seed": self.seed}
         if "smooth" in baseline:
             extra["smooth_alpha"] = self.smooth_alpha
         if "rotate" in baseline:
             extra["rotate"] = True
-        return QuantConfig.from_scheme(scheme, method=weights, seed=self.seed, **extra)
+        try:
+            return QuantConfig.from_scheme(scheme, **extra)
+        except S2DError as err:  # say which cell of the sweep the problem is in
+            raise S2DError(f"{scheme} {method}: {err}") from err
 
 
 def quantize_one(model, tokenizer, qconfig: QuantConfig, calib, sqnr_batch=None, progress: bool = True):
@@ -83,19 +115,30 @@ def _finished_rows(folder: Path, model_spec: str, eval_config: dict) -> dict:
 
 
 def run_quantize(model_spec: str, config: QuantRunConfig, out: str | Path, save_model: bool = True,
-                 progress: bool = True) -> dict:
-    """One scheme and method: quantize, measure SQNR, evaluate, save. Several: the sweep table and figure."""
-    from s2d.assets import calibration_batch, load_model, wiki_text
-    from s2d.eval.suite import EvalConfig, evaluate
+                 progress: bool = True, trust_remote_code: bool = False, mode: str = "new") -> dict:
+    """One scheme and method: quantize, measure SQNR, evaluate, save. Several: the sweep table and figure.
+
+    An interrupted run resumes cell by cell with mode="resume".
+    """
+    from s2d.eval.suite import EvalConfig
     from s2d.runs import RunFolder
 
     config.validate()
-    sweep = len(config.schemes) * len(config.methods) > 1
-    run = RunFolder(out, "quantize", {"model": str(model_spec), **config.to_dict()}, seed=config.seed)
     eval_config = EvalConfig(tasks=config.tasks, seq_lens=(config.eval_seq_len,), ppl_tokens=config.ppl_tokens,
                              limit=config.limit, seed=config.seed)
     eval_config.validate()
-    model, tokenizer = load_model(model_spec)
+    with RunFolder(out, "quantize", {"model": str(model_spec), **config.to_dict()}, seed=config.seed, mode=mode,
+                   resumable=True) as run:
+        return _quantize_into(run, model_spec, config, eval_config, save_model, progress, trust_remote_code)
+
+
+def _quantize_into(run, model_spec: str, config: QuantRunConfig, eval_config, save_model: bool, progress: bool,
+                   trust_remote_code: bool) -> dict:
+    from s2d.assets import calibration_batch, load_model, wiki_text
+    from s2d.eval.suite import evaluate
+
+    sweep = len(config.schemes) * len(config.methods) > 1
+    model, tokenizer = load_model(model_spec, trust_remote_code=trust_remote_code)
     if any("rotate" in m for m in config.methods):
         check_rotatable(model)  # before any evaluation: say why the family cannot be rotated
     calib = calibration_batch(tokenizer, wiki_text("train"), config.n_samples, config.seq_len, config.seed)
@@ -108,7 +151,7 @@ def run_quantize(model_spec: str, config: QuantRunConfig, out: str | Path, save_
             if f"{scheme} {method}" in rows:
                 continue
             if model is None:
-                model, tokenizer = load_model(model_spec)
+                model, tokenizer = load_model(model_spec, trust_remote_code=trust_remote_code)
             qconfig = config.quant_config(scheme, method)
             model, sqnr, seconds = quantize_one(model, tokenizer, qconfig, calib, sqnr_batch, progress)
             entry = {"scheme": scheme, "method": method, "config": qconfig.to_dict(), "seconds": seconds,

@@ -18,16 +18,27 @@ from s2d.train.tasks import make_task
 HEADS = {"cls": ("sequence-classification", 2), "image": ("image-classification", 10)}
 
 
-def finetune(model_spec: str, config: TrainConfig, out: str | Path, progress: bool = True) -> TrainResult:
-    """Fine-tune `model_spec` under `config`, resuming from `out/checkpoints` if a run was interrupted."""
-    from s2d.assets import load_model
-
+def finetune(model_spec: str, config: TrainConfig, out: str | Path, progress: bool = True,
+             trust_remote_code: bool = False, mode: str = "new") -> TrainResult:
+    """Fine-tune `model_spec` under `config`; with mode="resume", continue from `out/checkpoints`."""
     ctx = DistributedContext.from_env()
     config.validate(ctx.world_size)
-    run = RunFolder(out, "finetune", {"model": model_spec, **config.to_dict()}, config.seed) if ctx.is_main else None
+    if not ctx.is_main:  # only rank 0 writes the run folder; the others wait until it has settled the folder
+        ctx.barrier()
+        return _finetune_into(None, model_spec, config, out, progress, trust_remote_code)
+    with RunFolder(out, "finetune", {"model": model_spec, **config.to_dict()}, config.seed, mode=mode,
+                   resumable=True) as run:
+        ctx.barrier()
+        return _finetune_into(run, model_spec, config, out, progress, trust_remote_code)
+
+
+def _finetune_into(run: RunFolder | None, model_spec: str, config: TrainConfig, out: str | Path, progress: bool,
+                   trust_remote_code: bool) -> TrainResult:
+    from s2d.assets import load_model
+
     head, labels = HEADS.get(config.task, (None, None))
     torch.manual_seed(config.seed)  # a fresh classifier head is initialized from the seed
-    model, tokenizer = load_model(model_spec, head=head, num_labels=labels)
+    model, tokenizer = load_model(model_spec, head=head, num_labels=labels, trust_remote_code=trust_remote_code)
     if config.qat:
         from s2d.quant import prepare_qat
 
