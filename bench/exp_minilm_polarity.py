@@ -37,7 +37,7 @@ OUT = Path(__file__).resolve().parent / "out" / "exp_minilm_polarity.json"
 def finetune(arm: str, seed: int, args, out: Path) -> list[str]:
     return ["s2d", "finetune", "minilm-l6", "--task", "cls", *ARMS[arm], "--steps", str(args.steps), "--lr",
             str(args.lr), "--batch-size", "16", "--seq-len", "64", "--warmup", "8", "--seed", str(seed),
-            "--eval-every", "0", "--checkpoint-every", str(args.steps), "--out", str(out)]
+            "--eval-every", "0", "--checkpoint-every", str(args.steps), "--resume", "--out", str(out)]
 
 
 @torch.no_grad()

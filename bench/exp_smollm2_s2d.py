@@ -81,7 +81,9 @@ def stages(name: str, args, folder: Path) -> dict[str, list[str]]:
     if args.gptq:  # optional: ~2 min per cell here, so the GPTQ columns come after the rest
         out["quant-gptq"] = ["s2d", "quantize", model, "--sweep", "--schemes", SCHEMES, "--methods", "gptq",
                              "--eval", "ppl:wiki", *ppl, "--no-model"]
-    return {k: [*v, "--out", str(folder / k)] for k, v in out.items()}
+    # A stage reruns until its metrics.json exists: the resumable ones continue, the others start over.
+    again = {k: "--resume" if v[1] in ("finetune", "quantize") else "--overwrite" for k, v in out.items()}
+    return {k: [*v, again[k], "--out", str(folder / k)] for k, v in out.items()}
 
 
 def arm(name: str, args, root: Path) -> None:

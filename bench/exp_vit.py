@@ -49,7 +49,7 @@ def run(cmd: list[str], log: Path) -> None:
 def finetune(model: str, steps: int, lr: float, warmup: int, seed: int, out: Path, extra: list[str]) -> list[str]:
     return ["s2d", "finetune", model, "--task", "image", "--image-data", "fashion-mnist", "--steps", str(steps),
             "--batch-size", str(BATCH), "--lr", str(lr), "--warmup", str(warmup), "--seed", str(seed),
-            "--eval-every", "0", "--checkpoint-every", str(max(1, steps // 4)), *extra, "--out", str(out)]
+            "--eval-every", "0", "--checkpoint-every", str(max(1, steps // 4)), *extra, "--resume", "--out", str(out)]
 
 
 @torch.no_grad()
@@ -95,7 +95,7 @@ def main() -> None:
               "pretrain-long": finetune("scratch:vit-fmnist", spe * args.epochs, args.lr, 200, PRETRAIN_SEED,
                                         root / "pretrain-long", ["--reg", "none"])}
     stages["compare"] = ["s2d", "compare", str(root / "pretrain-short" / "model"),
-                         str(root / "pretrain-long" / "model"), "--data", "fashion-mnist", "--out",
+                         str(root / "pretrain-long" / "model"), "--data", "fashion-mnist", "--overwrite", "--out",
                          str(root / "compare")]
     if not args.table:
         run_stages(stages, root, args.n_test)
@@ -119,7 +119,7 @@ def run_stages(stages: dict[str, list[str]], root: Path, n_test: int) -> None:
         if not (root / name / "ptq.json").is_file():
             (root / name / "ptq.json").write_text(json.dumps(ptq(root / name, n_test), indent=1))
         if not (root / name / "diagnose" / "metrics.json").is_file():
-            run(["s2d", "diagnose", str(root / name / "model"), "--data", "fashion-mnist", "--out",
+            run(["s2d", "diagnose", str(root / name / "model"), "--data", "fashion-mnist", "--overwrite", "--out",
                  str(root / name / "diagnose")], root / "log.txt")
 
 

@@ -50,12 +50,12 @@ QUANT_CELLS = ("FP", *(f"{s} {m}" for s in ("W6A6", "W4A4") for m in QUANT_METHO
 def command(name: str, args: list[str], root: Path, limit: int) -> list[str]:
     keep = [] if name in QUANTIZED else ["--no-model"]
     return ["s2d", "compress", "smollm2-135m", *args, "--eval", TASKS, "--ppl-tokens", "16384", "--limit",
-            str(limit), *keep, "--out", str(root / name)]
+            str(limit), *keep, "--overwrite", "--out", str(root / name)]
 
 
 def quant_command(name: str, root: Path) -> list[str]:
     return ["s2d", "quantize", str(root / name / "model"), "--sweep", "--schemes", "W6A6,W4A4", "--methods",
-            ",".join(QUANT_METHODS), "--eval", "ppl:wiki", "--ppl-tokens", "16384", "--out",
+            ",".join(QUANT_METHODS), "--eval", "ppl:wiki", "--ppl-tokens", "16384", "--resume", "--out",
             str(root / f"{name}-quant")]
 
 
