@@ -312,7 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--schemes", default="W8A8,W6A6,W4A8,W4A4", help="schemes for --sweep")
     p.add_argument("--methods", default="rtn,gptq,smooth+gptq,rotate+gptq", help="methods for --sweep")
     p.add_argument("--option", action="append", metavar="KEY=VALUE",
-                   help="any QuantConfig field, e.g. a_granularity=per_tensor, w_group_size=128")
+                   help="any QuantConfig field, e.g. a_granularity=per_tensor, or w_granularity=per_group "
+                        "with w_group_size=128")
     p.add_argument("--eval", default="ppl:wiki", help="tasks after quantizing: ppl:wiki,analogy-mc,polarity,...")
     p.add_argument("--eval-seq-len", dest="eval_seq_len", type=int, default=128)
     p.add_argument("--ppl-tokens", dest="ppl_tokens", type=int, default=16384,

@@ -16,7 +16,7 @@ import yaml
 
 from s2d import __version__
 from s2d.errors import S2DError
-from s2d.io import atomic_write_bytes, atomic_write_json, atomic_write_text, ensure_writable_dir, non_finite, nulled
+from s2d.io import atomic_write_bytes, atomic_write_json, atomic_write_text, ensure_writable_dir, non_finite
 
 log = logging.getLogger(__name__)
 
@@ -91,15 +91,9 @@ class RunFolder:
         atomic_write_text(self.path / "config.yaml", yaml.safe_dump(self.config, sort_keys=False))
 
     def write_metrics(self, metrics: dict[str, Any]) -> Path:
-        """metrics.json, always valid JSON: a NaN or Inf is written as null, listed, and raised as an S2DError."""
-        bad = non_finite(metrics)
-        if not bad:
-            return atomic_write_json(self.path / "metrics.json", metrics)
-        atomic_write_json(self.path / "metrics.json", {**nulled(metrics), "non_finite": [p for p, _ in bad]})
-        where, value = bad[0]
-        raise S2DError(f"metric {where} is {value} ({len(bad)} non-finite value(s) in all): the model's outputs "
-                       f"overflowed or are NaN. metrics.json in {self.path} records them as null; check the model "
-                       "with `s2d diagnose` or use more bits")
+        """metrics.json; a NaN or Inf anywhere in it is an S2DError instead (and an earlier metrics.json stays)."""
+        check_metrics(metrics, self.path)
+        return atomic_write_json(self.path / "metrics.json", metrics)
 
     def write_text(self, name: str, text: str) -> Path:
         return atomic_write_text(self.path / name, text)
@@ -172,6 +166,16 @@ class RunFolder:
         if self._lock is not None:
             self._lock.close()  # closing the file drops the flock
             self._lock = None
+
+
+def check_metrics(metrics: dict[str, Any], where: str | Path = "") -> None:
+    """Refuse NaN/Inf results: they mean the model's outputs overflowed, and no table should show them."""
+    bad = non_finite(metrics)
+    if bad:
+        path, value = bad[0]
+        raise S2DError(f"metric {path} is {value} ({len(bad)} non-finite value(s) in all): the model's outputs "
+                       f"overflowed or are NaN, so nothing was recorded{f' in {where}' if where else ''}. Check the "
+                       "model with `s2d diagnose`, or use more bits or another quantization method")
 
 
 class Interrupted(KeyboardInterrupt):

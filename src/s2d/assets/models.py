@@ -87,6 +87,19 @@ def _package_folder_minilm() -> Path:
 
 HEADS = {"sequence-classification": "AutoModelForSequenceClassification",
          "image-classification": "AutoModelForImageClassification"}
+HEAD_KINDS = {"sequence-classification": "encoder", "image-classification": "vision"}
+
+
+def _check_head_fits(folder: Path, config, head: str | None) -> None:
+    """A classifier head on the wrong kind of backbone fails deep in transformers: say so first, by the adapter's
+    family table (never by the model's name)."""
+    from s2d.arch.families import family_for
+
+    family = family_for(getattr(config, "model_type", ""))
+    if head and family is not None and family.kind != HEAD_KINDS.get(head, family.kind):
+        fits = {"causal-lm": "lm", "encoder": "cls", "vision": "image"}.get(family.kind)
+        raise S2DError(f"an {head} head needs {'an encoder' if HEAD_KINDS[head] == 'encoder' else 'a vision'} "
+                       f"model, and {folder} is {family.name} ({family.kind}): use finetune --task {fits}")
 
 
 def _model_class(config, head: str | None = None):
@@ -108,6 +121,7 @@ def _load_folder(folder: Path, dtype: torch.dtype, trust_remote_code: bool, head
     from s2d.assets.hf import pretrained_config, pretrained_model, pretrained_tokenizer
 
     config = pretrained_config(folder, trust_remote_code)
+    _check_head_fits(folder, config, head)
     extra = {"num_labels": num_labels} if head and num_labels else {}
     # Low-rank models written by `s2d compress` list their factorized Linears in a `low_rank` block of
     # config.json; s2d.lowrank.io rebuilds them (plain from_pretrained would drop the factors).
@@ -137,12 +151,15 @@ def _damaged_folder_is_an_error(folder: Path, fn, *args):
 
 def check_finite(model, source: str) -> None:
     """Refuse a model holding NaN or Inf weights, naming the first such tensor (a cheap pass over the weights)."""
-    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            bad = int((~torch.isfinite(tensor)).sum())
-            raise S2DError(f"{source}: tensor {name} holds {bad:,} NaN/Inf value(s) of {tensor.numel():,}; the "
-                           "file is damaged or the run that wrote it diverged. Re-create it (for a fine-tune, "
-                           "resume from an earlier checkpoint or lower the learning rate)")
+    from s2d.arch.finite import first_nonfinite_tensor
+
+    name = first_nonfinite_tensor(model)
+    if name is not None:
+        tensor = model.get_parameter(name) if name in dict(model.named_parameters()) else model.get_buffer(name)
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise S2DError(f"{source}: tensor {name} holds {bad:,} NaN/Inf value(s) of {tensor.numel():,}; the file "
+                       "is damaged or the run that wrote it diverged. Re-create it (for a fine-tune, resume from an "
+                       "earlier checkpoint or lower the learning rate)")
 
 
 def _restore_quantization(model, folder: Path) -> None:

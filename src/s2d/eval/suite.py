@@ -77,6 +77,7 @@ def evaluate(model: nn.Module, tokenizer, config: EvalConfig, progress: bool = T
                 r = perplexity(model, ids, seq_len=seq_len, batch_size=config.ppl_batch_size,
                                convention=config.convention, prefix_token_id=tokenizer.bos_token_id,
                                progress=progress)
+                _check_finite(f"{name}@{seq_len} perplexity", [r.nll_mean], model, ids[:seq_len])
                 results[f"{name}@{seq_len}"] = {
                     **r.to_dict(), "source": f"wiki {split} split, first {ids.numel():,} tokens",
                     "seconds": round(time.perf_counter() - t0, 2),
@@ -91,9 +92,24 @@ def evaluate(model: nn.Module, tokenizer, config: EvalConfig, progress: bool = T
                 task = build_task(name, seed=config.seed, limit=config.limit)
             r = score_multiple_choice(model, tokenizer, task.examples, batch_size=config.batch_size,
                                       progress=progress)
+            probe = tokenizer(task.examples[0].context, return_tensors="pt")["input_ids"][0]
+            _check_finite(f"{name} log-likelihoods", [ll for row in r.loglikelihoods for ll in row], model, probe)
             results[name] = {**r.to_dict(), "version": task.version, "chance": _chance(task), **split,
                              "seconds": round(time.perf_counter() - t0, 2)}
     return results
+
+
+def _check_finite(what: str, values: list[float], model: nn.Module, probe_ids) -> None:
+    """A NaN or Inf score is an error that says where the model first produced it, never a number in a table."""
+    import math
+
+    if all(math.isfinite(v) for v in values):
+        return
+    from s2d.arch.finite import describe_nonfinite
+
+    where = describe_nonfinite(model, {"input_ids": probe_ids.reshape(1, -1)})
+    raise S2DError(f"the {what} is NaN/Inf: {where}. Check the model with `s2d diagnose`, or quantize with more "
+                   "bits or another method")
 
 
 def _chance(task) -> float:

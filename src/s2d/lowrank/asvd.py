@@ -11,7 +11,7 @@ import logging
 import torch
 
 from s2d.errors import S2DError
-from s2d.lowrank.factorized import Factors
+from s2d.lowrank.factorized import Factors, check_finite
 
 log = logging.getLogger(__name__)
 
@@ -30,14 +30,20 @@ class InputGram:
         self.x_sum += x.sum(0)
         self.n += x.shape[0]
 
+    @property
+    def sums(self) -> tuple[torch.Tensor, ...]:
+        return self.xtx, self.x_sum
 
-def whitening(gram: InputGram, damp: float = 1e-4, tries: int = 8) -> tuple[torch.Tensor, float]:
+
+def whitening(gram: InputGram, damp: float = 1e-4, tries: int = 8,
+              name: str = "a layer") -> tuple[torch.Tensor, float]:
     """(S lower-triangular with S Sᵀ = XᵀX + λI, λ). λ starts at damp·mean(diag) and grows ×10 until Cholesky
     succeeds, so rank-deficient X (fewer rows than d_in, dead channels) still gets an invertible S."""
     if gram.n == 0:
-        raise S2DError("asvd saw no calibration inputs for a layer; give calibration data")
+        raise S2DError(f"asvd saw no calibration inputs for {name}; give calibration data")
+    check_finite(name, stats=gram)
     xtx = gram.xtx
-    scale = float(xtx.diagonal().mean()) or 1.0
+    scale = float(xtx.diagonal().mean()) or 1.0  # all-zero inputs: 0 would leave λ = 0, any λ > 0 works
     lam = damp * scale
     eye = torch.eye(len(xtx), dtype=xtx.dtype)
     for _ in range(tries):
@@ -45,15 +51,16 @@ def whitening(gram: InputGram, damp: float = 1e-4, tries: int = 8) -> tuple[torc
         if int(info) == 0:
             return s, lam
         lam = max(lam * 10, 1e-8 * scale)
-    raise S2DError("the calibration inputs' Gram matrix could not be whitened even with heavy dampening; "
-                   "give more calibration samples or raise damp")
+    raise S2DError(f"the Gram matrix of {name}'s calibration inputs could not be whitened even with heavy "
+                   "dampening; give more calibration samples or raise damp")
 
 
 def asvd_factors(weight: torch.Tensor, bias: torch.Tensor | None, gram: InputGram, damp: float = 1e-4,
-                 max_rank: int | None = None) -> Factors:
+                 max_rank: int | None = None, name: str = "this Linear") -> Factors:
     """Factors of W from the SVD of W·S: A = Σ_r V_rᵀ S⁻¹ (r×d_in), B = U_r; the layer's bias is kept."""
+    check_finite(name, weight)
     w = weight.detach().double()
-    s, lam = whitening(gram, damp)
+    s, lam = whitening(gram, damp, name=name)
     if lam > damp * float(gram.xtx.diagonal().mean()) * 1.5:
         log.info("asvd: Cholesky needed dampening λ=%.3g (rank-deficient inputs)", lam)
     u, sigma, vh = torch.linalg.svd(w @ s, full_matrices=False)

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from s2d.config import Config
 from s2d.errors import S2DError
+from s2d.lowrank.factorized import is_whole
 
 METHODS = ("svd", "asvd", "rom")
 SCHEDULES = ("tail", "uniform")
@@ -44,10 +45,13 @@ class LowRankConfig(Config):
             raise S2DError(f"search must be one of {', '.join(SEARCHES)} or None (got {self.search!r})")
         if self.ranks is None and self.keep is None and self.search is None:
             raise S2DError("give a keep fraction, explicit ranks by role, or a search")
-        if self.keep is not None and (isinstance(self.keep, bool) or not 0 < self.keep <= 1):
+        if self.keep is not None and not (_is_number(self.keep) and 0 < self.keep <= 1):
             raise S2DError(f"keep must be a fraction in (0, 1] of the model's parameters (got {self.keep!r})")
         if self.ranks is not None and (not isinstance(self.ranks, dict) or not self.ranks):
             raise S2DError(f"ranks must map roles to ranks, e.g. {{'q': 64}} (got {self.ranks!r})")
+        bad = {role: r for role, r in (self.ranks or {}).items() if not (is_whole(r) and r >= 1)}
+        if bad:
+            raise S2DError(f"ranks must be whole numbers ≥ 1 (got {bad}); e.g. {{'q': 64, 'down': 128}}")
         if self.n_samples < 1 or self.seq_len < 1 or self.chunk_size < 1 or self.search_samples < 1:
             raise S2DError("n_samples, seq_len, chunk_size and search_samples must be ≥ 1")
         if not 0 < self.search_fraction < 1 or self.search_chunks < 1 or self.acc_tolerance < 0:
@@ -57,3 +61,7 @@ class LowRankConfig(Config):
         if self.damp < 0:
             raise S2DError(f"damp must be ≥ 0 (got {self.damp})")
         return self
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)

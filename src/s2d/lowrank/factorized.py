@@ -15,9 +15,27 @@ def break_even_rank(d_in: int, d_out: int) -> float:
 
 def check_rank(rank: int, d_in: int, d_out: int, name: str = "layer") -> int:
     """`rank` as an int, or S2DError if it is not in 1..min(d_in, d_out)."""
-    if isinstance(rank, bool) or int(rank) != rank or not 1 <= rank <= min(d_in, d_out):
+    if not is_whole(rank) or not 1 <= rank <= min(d_in, d_out):
         raise S2DError(f"rank {rank!r} for {name} ({d_out}x{d_in}) must be an integer in 1..{min(d_in, d_out)}")
     return int(rank)
+
+
+def is_whole(value) -> bool:
+    """An integer, or a float with an integer value (YAML and JSON may give either); never a bool."""
+    return not isinstance(value, bool) and isinstance(value, int | float) and float(value).is_integer()
+
+
+def check_finite(name: str, weight: torch.Tensor | None = None, stats=None) -> None:
+    """NaN or Inf in a weight or in calibration sums makes LAPACK fail, or return NaN factors, without saying
+    which layer or why: name the Linear and the culprit before any decomposition. `stats` has `.sums`."""
+    if weight is not None and not torch.isfinite(weight).all():
+        raise S2DError(f"the weight of {name} holds NaN or Inf values, so it cannot be decomposed: the checkpoint "
+                       "is damaged or training diverged; reload or repair the model, or leave this Linear out "
+                       "(filter=, or ranks for other roles)")
+    if stats is not None and not all(torch.isfinite(t).all() for t in stats.sums):
+        raise S2DError(f"the calibration activations reaching {name} hold NaN or Inf values: a layer before it "
+                       "overflows or has non-finite weights; check the model on this data (s2d diagnose), run it "
+                       "in float32, or use method='svd', which needs no calibration")
 
 
 def factorized_params(rank: int, d_in: int, d_out: int, bias: bool) -> int:

@@ -13,7 +13,7 @@ import torch
 
 from s2d.errors import S2DError
 from s2d.lowrank.asvd import InputGram
-from s2d.lowrank.factorized import Factors
+from s2d.lowrank.factorized import Factors, check_finite
 
 
 class OutputStats:
@@ -29,6 +29,10 @@ class OutputStats:
         self.yty.addmm_(y.T, y)
         self.y_sum += y.sum(0)
         self.n += y.shape[0]
+
+    @property
+    def sums(self) -> tuple[torch.Tensor, ...]:
+        return self.yty, self.y_sum
 
     def mean(self) -> torch.Tensor:
         return self.y_sum / self.n
@@ -65,6 +69,10 @@ class GramOutputStats:
         # Linears sharing the input share its root too: pass input_covariance_root(gram) to compute it once.
         self.root = input_covariance_root(gram) if root is None else root
 
+    @property
+    def sums(self) -> tuple[torch.Tensor, ...]:
+        return self.gram.sums
+
     def mean(self) -> torch.Tensor:
         mu = self.weight.detach().double() @ (self.gram.x_sum / self.n)
         return mu + self.bias.detach().double() if self.bias is not None else mu
@@ -81,8 +89,9 @@ class GramOutputStats:
         return sigma**2, u
 
 
-def input_covariance_root(gram: InputGram) -> torch.Tensor:
+def input_covariance_root(gram: InputGram, name: str = "a layer") -> torch.Tensor:
     """QΛ^½ from the centred input covariance C_x = QΛQᵀ (so C_x = root·rootᵀ), negative rounding clamped."""
+    check_finite(name, stats=gram)
     mu = gram.x_sum / gram.n
     lam, q = torch.linalg.eigh((gram.xtx / gram.n).sub_(torch.outer(mu, mu)))
     return q * lam.clamp_min(0).sqrt()
@@ -94,8 +103,9 @@ def principal_directions(stats: OutputStats | GramOutputStats) -> tuple[torch.Te
 
 
 def rom_factors(weight: torch.Tensor, bias: torch.Tensor | None, stats: OutputStats | GramOutputStats,
-                max_rank: int | None = None) -> Factors:
+                max_rank: int | None = None, name: str = "this Linear") -> Factors:
     """Factors of the layer from its output statistics: A = V_rᵀW, B = V_r, bias with mean compensation."""
+    check_finite(name, weight, stats)
     w = weight.detach().double()
     d_out, d_in = w.shape
     values, vectors = principal_directions(stats)

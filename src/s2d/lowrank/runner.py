@@ -118,7 +118,7 @@ class BlockRunner:
         for group in groups:
             if group[0] in grams:
                 gram = grams[group[0]]
-                root = input_covariance_root(gram) if kind == "output" and gram.n else None
+                root = input_covariance_root(gram, group[0]) if kind == "output" and gram.n else None
                 for n in group:
                     stats[n] = gram if kind == "input" else GramOutputStats(gram, modules[n].weight,
                                                                             modules[n].bias, root)

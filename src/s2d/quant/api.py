@@ -7,6 +7,7 @@ public so a caller can keep the prepared full-precision model as a reference (pe
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -29,7 +30,7 @@ Filter = Callable[[nn.Module, str], bool]
 def quantize(model: nn.Module, config: QuantConfig, filter: Filter | None = None, calib: CalibBatch | None = None,
              *, chunk_size: int = 8, progress: bool = True) -> nn.Module:
     """Quantize `model` in place and return it: baselines, then the targeted Linears (default: all block Linears)."""
-    _check_inputs(model, config, calib)
+    _check_inputs(model, config, calib, filter)
     prepare(model, config, filter, calib, chunk_size=chunk_size)
     return convert(model, config, filter, calib, chunk_size=chunk_size, progress=progress)
 
@@ -38,7 +39,7 @@ def quantize(model: nn.Module, config: QuantConfig, filter: Filter | None = None
 def prepare(model: nn.Module, config: QuantConfig, filter: Filter | None = None, calib: CalibBatch | None = None,
             *, chunk_size: int = 8) -> nn.Module:
     """Apply the config's function-preserving baselines (rotation, SmoothQuant) in place."""
-    _check_inputs(model, config, calib)
+    _check_inputs(model, config, calib, filter)
     if config.rotate:
         rotate_model(model, seed=config.seed)
     if config.smooth_alpha is not None:
@@ -50,7 +51,7 @@ def prepare(model: nn.Module, config: QuantConfig, filter: Filter | None = None,
 def convert(model: nn.Module, config: QuantConfig, filter: Filter | None = None, calib: CalibBatch | None = None,
             *, chunk_size: int = 8, progress: bool = True) -> nn.Module:
     """Swap the targeted Linears for QuantLinears (RTN or GPTQ weights) and calibrate static activation scales."""
-    _check_inputs(model, config, calib)
+    _check_inputs(model, config, calib, filter)
     desc = describe(model)
     target = leaf_filter(model, filter or desc.is_target)
     w_spec, a_spec, static = config.weight_spec(), config.act_spec(), config.a_static
@@ -90,6 +91,7 @@ def prepare_qat(model: nn.Module, config: QuantConfig, filter: Filter | None = N
     With `learn_scales`, each weight scale is a parameter (LSQ); add it to the optimizer with the weights.
     """
     target = filter or describe(model).is_target
+    _check_group_size(model, config, target)
     w_spec, a_spec = config.weight_spec(), config.act_spec()
     swap_linears(model, target,
                  lambda linear, name: FakeQuantLinear.from_linear(linear, w_spec, a_spec, learn_scales))
@@ -129,19 +131,42 @@ def quantized_layers(model: nn.Module) -> dict[str, QuantLinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
 
 
-def _check_inputs(model: nn.Module, config: QuantConfig, calib: CalibBatch | None) -> None:
-    """Fail before any work: missing calibration data or an unsupported rotation."""
+def check_quantizable(model: nn.Module, config: QuantConfig, filter: Filter | None = None) -> None:
+    """What `config` asks of the model, checked before any work (a run can call it right after loading): a
+    rotatable family, no low-rank pair under SmoothQuant, weight groups that fit every targeted Linear."""
+    target = filter or describe(model).is_target
+    if config.rotate:
+        check_rotatable(model)
+    if config.smooth_alpha is not None:  # rotation turns a low-rank pair's two sides; SmoothQuant cannot yet
+        low_rank = composite_targets(model, target)
+        if low_rank:
+            raise S2DError(f"SmoothQuant rescales dense weights, but {low_rank[0]} (and {len(low_rank) - 1} more) "
+                           "is a low-rank pair: quantize a low-rank model with rotation, RTN or GPTQ, or apply "
+                           "SmoothQuant before compressing")
+    _check_group_size(model, config, leaf_filter(model, target))
+
+
+def _check_inputs(model: nn.Module, config: QuantConfig, calib: CalibBatch | None, filter: Filter | None) -> None:
+    """Fail before any work: missing calibration data, or a model the config does not fit."""
     if config.method == "gptq":
         require_calib(calib, "GPTQ (to build each layer's Hessian)")
     if config.a_static and config.a_bits is not None:
         require_calib(calib, "static activation scales")
     if config.smooth_alpha is not None:
         require_calib(calib, "SmoothQuant (to measure activation ranges)")
-    if config.rotate:
-        check_rotatable(model)
-    if config.smooth_alpha is not None:  # rotation turns a low-rank pair's two sides; SmoothQuant cannot yet
-        low_rank = composite_targets(model, describe(model).is_target)
-        if low_rank:
-            raise S2DError(f"SmoothQuant rescales dense weights, but {low_rank[0]} (and {len(low_rank) - 1} more) "
-                           "is a low-rank pair: quantize a low-rank model with rotation, RTN or GPTQ, or apply "
-                           "SmoothQuant before compressing")
+    check_quantizable(model, config, filter)
+
+
+def _check_group_size(model: nn.Module, config: QuantConfig, target: Filter) -> None:
+    """Every quantized Linear's input size must split into whole groups: name the first that does not."""
+    if config.w_bits is None or config.w_granularity != "per_group":
+        return
+    group = config.w_group_size
+    sizes = {name: m.in_features for name, m in model.named_modules() if isinstance(m, nn.Linear) and target(m, name)}
+    misfit = next((name for name, size in sizes.items() if size % group), None)
+    if misfit is not None:
+        common = math.gcd(*sizes.values())
+        fits = max(d for d in range(1, min(group, common) + 1) if common % d == 0)
+        raise S2DError(f"w_group_size={group} does not divide the input size {sizes[misfit]} of {misfit}: a group must "
+                       f"divide every quantized Linear's input size; use w_group_size={fits} (it divides all "
+                       f"{len(sizes)} of them) or w_granularity=per_channel")

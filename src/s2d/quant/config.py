@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import types
+import typing
 from typing import Any
 
 from s2d.config import Config
@@ -42,6 +44,10 @@ class QuantConfig(Config):
     seed: int = 0
 
     def __post_init__(self):
+        check_types(self)
+        if self.w_group_size is not None and self.w_granularity != "per_group":
+            raise S2DError(f"w_group_size={self.w_group_size} applies to per_group weights only, but w_granularity is "
+                           f"{self.w_granularity!r}: add w_granularity=per_group, or drop w_group_size")
         self.weight_spec()
         self.act_spec()
         if self.w_granularity == "per_token":
@@ -67,7 +73,12 @@ class QuantConfig(Config):
     def from_scheme(cls, scheme: str, **overrides: Any) -> QuantConfig:
         """A config for a scheme name such as "W4A4" (any WnAm with n, m in 2..16; 16 means floating point)."""
         w_bits, a_bits = parse_scheme(scheme)
-        return cls(w_bits=w_bits, a_bits=a_bits, **overrides)
+        for key in ("w_bits", "a_bits"):
+            if key in overrides:
+                raise S2DError(f"{key} comes from the scheme ({scheme} means w_bits={w_bits}, a_bits={a_bits}); "
+                               f"choose another scheme instead of overriding {key}")
+        # from_dict: an unknown field is an S2DError listing the known ones, not a TypeError from __init__.
+        return cls.from_dict({**overrides, "w_bits": w_bits, "a_bits": a_bits})
 
     @property
     def scheme(self) -> str:
@@ -98,6 +109,38 @@ class QuantConfig(Config):
         return QuantSpec(self.a_bits, self.a_symmetric, self.a_granularity, None, self.a_observer, self.percentile)
 
 
+def check_types(config: Config) -> None:
+    """Every field against its annotation: a wrong type fails here, naming the field, not deep in the math."""
+    hints = typing.get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if not _is_a(value, hints[f.name]):
+            raise S2DError(f"{type(config).__name__}.{f.name} must be {_type_name(hints[f.name])}, got {value!r}")
+
+
+def _is_a(value: Any, hint: Any) -> bool:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (types.UnionType, typing.Union):
+        return any(_is_a(value, a) for a in args)
+    if hint is float:  # an int is a fine float (YAML reads 1 as an int); a bool is neither
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if origin is tuple:  # a list is accepted where a tuple is declared: JSON and YAML have no tuples
+        return isinstance(value, tuple | list) and all(_is_a(v, args[0]) for v in value)
+    return isinstance(value, origin or hint)
+
+
+def _type_name(hint: Any) -> str:
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (types.UnionType, typing.Union):
+        return " or ".join(_type_name(a) for a in args)
+    if typing.get_origin(hint) is tuple:
+        return f"a list of {_type_name(args[0])}s"
+    return {type(None): "None", bool: "true or false", int: "a whole number", float: "a number",
+            str: "a string", dict: "a mapping"}.get(hint, getattr(hint, "__name__", str(hint)))
+
+
 def parse_scheme(scheme: str) -> tuple[int | None, int | None]:
     """("W4A8") -> (4, 8); 16 bits means floating point (None), as the field writes W4A16."""
     match = _SCHEME_RE.match(scheme.strip())
@@ -109,4 +152,4 @@ def parse_scheme(scheme: str) -> tuple[int | None, int | None]:
     return (None if w == 16 else w), (None if a == 16 else a)
 
 
-__all__ = ["GRANULARITIES", "METHODS", "OBSERVERS", "SCHEMES", "QuantConfig", "parse_scheme"]
+__all__ = ["GRANULARITIES", "METHODS", "OBSERVERS", "SCHEMES", "QuantConfig", "check_types", "parse_scheme"]

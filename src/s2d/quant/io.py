@@ -37,6 +37,11 @@ def save_quantized(model: nn.Module, folder: str | Path, tokenizer=None, config:
     layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     if config is None or not layers:
         raise S2DError("this model has no s2d quantization to save: quantize it with s2d.quant.quantize first")
+    from s2d.arch.finite import first_nonfinite_tensor
+
+    if (bad := first_nonfinite_tensor(model)) is not None:
+        raise S2DError(f"the quantized model's tensor {bad} holds NaN/Inf; it is not saved. Quantize again with more "
+                       "bits, another observer or method, or check the original with `s2d diagnose`")
     quant_tensors, plain_state, entries = {}, {}, {}
     for name, tensor in model.state_dict().items():
         owner = next((n for n in layers if name.startswith(n + ".")), None)

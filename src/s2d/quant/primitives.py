@@ -50,8 +50,8 @@ class QuantSpec:
         if self.granularity not in GRANULARITIES:
             raise S2DError(f"unknown granularity {self.granularity!r}; use one of {', '.join(GRANULARITIES)}")
         if self.granularity == "per_group" and (not isinstance(self.group_size, int) or self.group_size < 1):
-            raise S2DError(f"per_group quantization needs a positive group size (e.g. 32, 64, 128), got "
-                           f"{self.group_size!r}")
+            raise S2DError(f"per_group quantization needs a positive group size: set w_group_size (e.g. 32, 64 "
+                           f"or 128), got {self.group_size!r}")
         if self.observer not in OBSERVERS:
             raise S2DError(f"unknown range observer {self.observer!r}; use one of {', '.join(OBSERVERS)}")
         if not 50.0 < self.percentile <= 100.0:
@@ -109,7 +109,7 @@ def from_blocks(xb: torch.Tensor, shape: tuple[int, ...], block_size: tuple[int,
     order = [0] * (2 * n)
     for i in range(n):  # the blocked view holds (n_0..n_k, b_0..b_k); interleave back to (n_0, b_0, ...)
         order[2 * i], order[2 * i + 1] = i, n + i
-    return xb.reshape(*counts, *block_size).permute(order).reshape(shape)
+    return xb.reshape((*counts, *block_size)).permute(order).reshape(shape)  # a tuple: a 0-d shape is ()
 
 
 # -- observers: the range each block is quantized over ----------------------------------------------------------
@@ -146,7 +146,7 @@ def _range_mse(xb: torch.Tensor, spec: QuantSpec, grid: int = 100, max_shrink: f
 
 def observe_range(x: torch.Tensor, spec: QuantSpec, block_size: tuple[int, ...] | None = None):
     """(lo, hi) per block of `x` under the spec's observer; both have the compact block-count shape."""
-    xb = to_blocks(x.detach(), block_size or spec.block_size(x.shape))
+    xb = to_blocks(x.detach(), spec.block_size(x.shape) if block_size is None else block_size)
     if spec.observer == "percentile":
         return _range_percentile(xb, spec.percentile)
     if spec.observer == "mse":
@@ -192,7 +192,7 @@ def _fake_blocks(xb, scale, zero, spec: QuantSpec) -> torch.Tensor:
 def quantize_affine(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, spec: QuantSpec,
                     block_size: tuple[int, ...] | None = None) -> torch.Tensor:
     """Integer codes clamp(round(x / scale) + zero_point, qmin, qmax), in the spec's integer dtype."""
-    block_size = block_size or spec.block_size(x.shape)
+    block_size = spec.block_size(x.shape) if block_size is None else block_size  # () is a 0-d tensor's block
     xb = to_blocks(x, block_size)
     q = torch.round(xb / scale.unsqueeze(-1).to(xb.dtype))
     if zero_point is not None:

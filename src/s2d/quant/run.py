@@ -9,9 +9,8 @@ from pathlib import Path
 
 from s2d.config import Config
 from s2d.errors import S2DError
-from s2d.quant.api import convert, prepare
+from s2d.quant.api import check_quantizable, convert, prepare
 from s2d.quant.config import QuantConfig
-from s2d.quant.rotate import check_rotatable
 from s2d.quant.sqnr import layer_sqnr, plot_sqnr
 
 # A method is an optional outlier baseline followed by a weight method.
@@ -136,11 +135,13 @@ def _quantize_into(run, model_spec: str, config: QuantRunConfig, eval_config, sa
                    trust_remote_code: bool) -> dict:
     from s2d.assets import calibration_batch, load_model, wiki_text
     from s2d.eval.suite import evaluate
+    from s2d.runs import check_metrics
 
     sweep = len(config.schemes) * len(config.methods) > 1
     model, tokenizer = load_model(model_spec, trust_remote_code=trust_remote_code)
-    if any("rotate" in m for m in config.methods):
-        check_rotatable(model)  # before any evaluation: say why the family cannot be rotated
+    for scheme in config.schemes:  # before any evaluation: rotation support, group sizes, low-rank pairs
+        for method in config.methods:
+            check_quantizable(model, config.quant_config(scheme, method))
     calib = calibration_batch(tokenizer, wiki_text("train"), config.n_samples, config.seq_len, config.seed)
     sqnr_batch = calib[: config.sqnr_samples]
     rows = _finished_rows(run.path, str(model_spec), eval_config.to_dict())  # a sweep resumes cell by cell
@@ -161,6 +162,7 @@ def _quantize_into(run, model_spec: str, config: QuantRunConfig, eval_config, sa
                 entry["sqnr_worst"] = sorted(sqnr.items(), key=lambda kv: kv[1]["accumulated_db"])[:5]
                 plot_sqnr(sqnr, run.figure_path(f"sqnr_{scheme}_{method.replace('+', '-')}.png"),
                           f"{qconfig.label}: per-Linear SQNR")
+            check_metrics(entry)  # an overflowed cell is neither recorded nor saved
             rows[f"{scheme} {method}"] = entry
             if not sweep and save_model:
                 from s2d.quant.io import save_quantized

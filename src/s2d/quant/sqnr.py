@@ -22,10 +22,9 @@ from s2d.quant.linear import QuantLinear
 
 
 def db(signal: float, noise: float) -> float:
-    """10 log10(signal / noise); +inf for a noiseless output."""
-    if noise <= 0:
-        return math.inf
-    return 10.0 * math.log10(max(signal, 1e-300) / noise)
+    """10 log10(signal / noise). A noiseless output gets a finite ceiling (noise floored at 1e-300, ≥ 3000 dB)
+    rather than +inf, so that an Inf in metrics.json always means an overflow."""
+    return 10.0 * math.log10(max(signal, 1e-300) / max(noise, 1e-300))
 
 
 @torch.no_grad()

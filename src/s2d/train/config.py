@@ -33,12 +33,17 @@ class TrainConfig(Config):
     eval_samples: int = 64
 
     def validate(self, world_size: int = 1) -> TrainConfig:
+        """Raise S2DError for a setting the loop cannot run with `world_size` ranks; returns self."""
         if self.task not in ("lm", "cls", "image"):
             raise S2DError(f"task must be lm, cls or image (got {self.task!r})")
         if self.reg not in ("none", "s2d", "wd", "specnorm", "kure"):
             raise S2DError(f"reg must be none, s2d, wd, specnorm or kure (got {self.reg!r})")
         if self.steps < 1 or self.lr <= 0 or self.batch_size < 1 or self.grad_accum < 1:
             raise S2DError("steps, batch_size and grad_accum must be ≥ 1 and lr > 0")
+        if self.log_every < 1 or self.checkpoint_every < 1 or self.keep_checkpoints < 1 or self.eval_every < 0:
+            raise S2DError(f"log_every, checkpoint_every and keep_checkpoints must be ≥ 1 and eval_every ≥ 0 (got "
+                           f"{self.log_every}, {self.checkpoint_every}, {self.keep_checkpoints} and "
+                           f"{self.eval_every}); eval_every 0 turns evaluation off")
         if self.batch_size % (self.grad_accum * world_size):
             raise S2DError(f"batch_size {self.batch_size} must be divisible by grad_accum × world size "
                            f"({self.grad_accum} × {world_size})")

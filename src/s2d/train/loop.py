@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
+from s2d.arch.finite import scan_outputs
 from s2d.errors import S2DError
 from s2d.train.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
 from s2d.train.config import TrainConfig
@@ -20,6 +22,8 @@ from s2d.train.monitor import ActivationMonitor, sigma_max
 
 @dataclass
 class TrainResult:
+    """What a run produced, over its whole life: a resumed run's record includes the steps before the resume."""
+
     history: list[dict] = field(default_factory=list)
     evals: list[dict] = field(default_factory=list)
     reg_log: list[dict] = field(default_factory=list)
@@ -29,6 +33,7 @@ class TrainResult:
 
 
 def make_regularizer(name: str, model, options: dict, optimizer):
+    """The regularizer `name` (none, s2d, wd, specnorm, kure) over `model`, configured from `options`."""
     from s2d import regularize as R
 
     if name == "none":
@@ -41,6 +46,7 @@ def make_regularizer(name: str, model, options: dict, optimizer):
 
 
 def cosine_with_warmup(optimizer, warmup: int, total: int):
+    """Linear warmup over `warmup` steps, then cosine decay to zero at `total`."""
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
@@ -71,8 +77,10 @@ def train(model, task, config: TrainConfig, checkpoint_dir: Path | None = None, 
             "n_parameters": sum(p.numel() for p in model.parameters()), "config": config.to_dict()}
     result, start = TrainResult(), 0
     if checkpoint_dir is not None and (found := latest_checkpoint(checkpoint_dir)) is not None:
-        start = load_checkpoint(found, model, optimizer, scheduler, reg, meta)
-        result.resumed_from = start
+        start, record = load_checkpoint(found, model, optimizer, scheduler, reg, meta)
+        result.resumed_from, result.history, result.evals = start, record["history"], record["evals"]
+        if reg is not None:
+            reg.log = record["reg_log"]
     last_good = found if checkpoint_dir is not None else None
     t0 = time.perf_counter()
     bar = tqdm(range(start, config.steps), desc=f"finetune {config.task}", disable=not progress or not ctx.is_main,
@@ -81,20 +89,25 @@ def train(model, task, config: TrainConfig, checkpoint_dir: Path | None = None, 
         model.train()
         monitor.reset()
         task_loss = 0.0
-        for micro in range(config.grad_accum):
-            batch = task.batch(step, micro, config.micro_batch, ctx.rank, ctx.world_size)
+        for batch in _micro_batches(task, config, ctx, step):
             loss = wrapped(**batch).loss / config.grad_accum
             loss.backward()
             task_loss += float(loss.detach())
-        penalty = reg.penalty() if reg is not None else None
+        task_loss = ctx.mean(task_loss)
+        if not math.isfinite(task_loss):  # checked first: the regularizer's SVD would fail on a NaN weight
+            raise _diverged(f"the loss became {task_loss}", step, model, _micro_batches(task, config, ctx, step),
+                            None, last_good)
+        try:
+            penalty = reg.penalty() if reg is not None else None
+        except torch.linalg.LinAlgError as err:
+            raise _diverged(f"the {config.reg} regularizer failed ({err})", step, model, (), None, last_good) from None
         if penalty is not None and penalty.requires_grad:
             penalty.backward()
-        task_loss = ctx.mean(task_loss)
-        if not math.isfinite(task_loss):
-            where = f"; the last good checkpoint is {last_good}" if last_good else ""
-            raise S2DError(f"the loss became {task_loss} at step {step}: lower the learning rate or check the data"
-                           + where)
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip))
+        try:  # a non-finite norm raises before clipping scales the gradients, which then still show where
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip, error_if_nonfinite=True))
+        except RuntimeError:
+            raise _diverged("the gradient norm became non-finite", step, model,
+                            _micro_batches(task, config, ctx, step), penalty, last_good) from None
         lr = optimizer.param_groups[0]["lr"]
         optimizer.step()
         if reg is not None:
@@ -112,8 +125,10 @@ def train(model, task, config: TrainConfig, checkpoint_dir: Path | None = None, 
             result.evals.append({"step": done, **task.evaluate(model)})
         if checkpoint_dir is not None and (done % config.checkpoint_every == 0 or done == config.steps):
             if ctx.is_main:
+                record = {"history": result.history, "evals": result.evals,
+                          "reg_log": reg.log if reg is not None else []}
                 last_good = save_checkpoint(checkpoint_dir / f"step-{done}", model, optimizer, scheduler, reg,
-                                            done, meta)
+                                            done, meta, record)
                 prune_checkpoints(checkpoint_dir, config.keep_checkpoints)
             ctx.barrier()
     monitor.remove()
@@ -123,3 +138,39 @@ def train(model, task, config: TrainConfig, checkpoint_dir: Path | None = None, 
     model.eval()
     result.steps, result.seconds = config.steps, time.perf_counter() - t0
     return result
+
+
+def _micro_batches(task, config: TrainConfig, ctx: DistributedContext, step: int) -> Iterator[dict]:
+    return (task.batch(step, micro, config.micro_batch, ctx.rank, ctx.world_size)
+            for micro in range(config.grad_accum))
+
+
+def _diverged(what: str, step: int, model, batches: Iterable[dict], penalty, last_good: Path | None) -> S2DError:
+    """The error for a non-finite loss or gradient norm at `step`, naming where it first went wrong."""
+    where = _first_nonfinite(model, batches, penalty)
+    saved = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written before it"
+    return S2DError(f"{what} at step {step}: {where}. Lower the learning rate or check the data ({saved})")
+
+
+def _first_nonfinite(model, batches: Iterable[dict], penalty) -> str:
+    """Where a divergence starts: a non-finite parameter, else the penalty, else the first module whose output
+    is NaN or Inf on a replay of the step's batches, else the activation and gradient that blew up the norm."""
+    for name, p in model.named_parameters():
+        if not torch.isfinite(p).all():
+            return f"parameter {name} holds NaN or Inf"
+    if penalty is not None and not torch.isfinite(penalty).all():
+        return f"the regularizer's penalty is {float(penalty)}"
+    largest = (0.0, "")
+    for batch in batches:
+        bad, big = scan_outputs(model, batch)
+        if bad == "":
+            return "every layer's output is finite but the loss is not: check the labels"
+        if bad is not None:
+            return f"the first module whose output is NaN or Inf is {bad} ({type(model.get_submodule(bad)).__name__})"
+        largest = max(largest, big)
+    grads = {n: float(p.grad.abs().max()) for n, p in model.named_parameters() if p.grad is not None}
+    if not grads or not largest[1]:
+        return "no parameter, activation or gradient on this rank is NaN or Inf (another rank's batch diverged?)"
+    top = max(grads, key=grads.get)
+    return (f"the forward is finite but the gradients overflow; the largest activation is the output of {largest[1]} "
+            f"(|x| up to {largest[0]:.3g}) and the largest gradient is in {top} ({grads[top]:.3g})")

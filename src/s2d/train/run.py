@@ -45,7 +45,7 @@ def _finetune_into(run: RunFolder | None, model_spec: str, config: TrainConfig, 
         # FakeQuantLinear keeps nn.Linear's parameters and state-dict keys, so S2D, checkpoints and
         # save_pretrained see an ordinary model; only the forward rounds weights and inputs.
         prepare_qat(model, config.qat_config(), learn_scales=config.qat_learn_scales)
-    task = make_task(config, model, tokenizer)
+    task = make_task(config, model, tokenizer, name=model_spec)
     result = train(model, task, config, Path(out) / "checkpoints", model_name=model_spec, progress=progress)
     if run is not None:
         _write(run, model, tokenizer, config, result, model_spec)

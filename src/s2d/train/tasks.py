@@ -118,7 +118,37 @@ class ImageTask:
         return {"val_acc": classification_accuracy(model, batch)}
 
 
-def make_task(config, model, tokenizer):
+# The model kind (s2d.arch's Family.kind) each task trains, and how a message names that kind.
+TASK_KIND = {"lm": "causal-lm", "cls": "encoder", "image": "vision"}
+KIND_WORDS = {"causal-lm": "a decoder", "encoder": "an encoder", "vision": "a vision model"}
+
+
+def check_task_fits(task: str, model, name: str | None = None) -> None:
+    """Refuse a task the model cannot train (an LM loss on an encoder, images into a text model, ...), naming
+    the --task that does fit; decided by the architecture adapter's kind, never by the model's name."""
+    from s2d.arch import describe
+    from s2d.arch.families import FAMILIES
+
+    need = TASK_KIND.get(task)
+    if need is None:
+        raise S2DError(f"task must be lm, cls or image (got {task!r})")
+    desc = describe(model)
+    if desc.kind == need:
+        return
+    families = ", ".join(f.name for f in FAMILIES if f.kind == need)
+    name = name or getattr(model, "name_or_path", "") or type(model).__name__
+    fits = {kind: t for t, kind in TASK_KIND.items()}.get(desc.kind)
+    todo = f"use --task {fits}" if fits else f"use {KIND_WORDS[need]} model with --task {task}"
+    raise S2DError(f"task {task} needs {KIND_WORDS[need]} ({families}); {name} is "
+                   f"{KIND_WORDS.get(desc.kind, desc.kind)} ({desc.family.name}): {todo}")
+
+
+def make_task(config, model, tokenizer, name: str | None = None):
+    """The task `config.task` names, for `model`; a model that cannot train it raises S2DError."""
+    check_task_fits(config.task, model, name)
+    if config.task != "image" and tokenizer is None:
+        raise S2DError(f"task {config.task} needs a tokenizer, and this model folder has none: add its "
+                       "tokenizer files (tokenizer.json or tokenizer_config.json) next to config.json")
     if config.task == "lm":
         return LMTask(tokenizer, config.seq_len, config.seed, config.eval_samples)
     if config.task == "cls":
