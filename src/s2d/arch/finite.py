@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch import nn
+
+from s2d.errors import S2DError
 
 
 def first_nonfinite_tensor(model: nn.Module) -> str | None:
@@ -14,6 +16,16 @@ def first_nonfinite_tensor(model: nn.Module) -> str | None:
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             return name
     return None
+
+
+def check_finite_tensors(named: Iterable[tuple[str, torch.Tensor]], source: str) -> None:
+    """Refuse weights holding NaN or Inf, naming the first such tensor (a cheap pass, done at every load)."""
+    for name, tensor in named:
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise S2DError(f"{source}: tensor {name} holds {bad:,} NaN/Inf value(s) of {tensor.numel():,}; the file "
+                           "is damaged or the run that wrote it diverged. Re-create it (for a fine-tune, resume from "
+                           "an earlier checkpoint or lower the learning rate)")
 
 
 def _tensors(output) -> Iterator[torch.Tensor]:

@@ -150,16 +150,10 @@ def _damaged_folder_is_an_error(folder: Path, fn, *args):
 
 
 def check_finite(model, source: str) -> None:
-    """Refuse a model holding NaN or Inf weights, naming the first such tensor (a cheap pass over the weights)."""
-    from s2d.arch.finite import first_nonfinite_tensor
+    """Refuse a model holding NaN or Inf weights, naming the first such tensor."""
+    from s2d.arch.finite import check_finite_tensors
 
-    name = first_nonfinite_tensor(model)
-    if name is not None:
-        tensor = model.get_parameter(name) if name in dict(model.named_parameters()) else model.get_buffer(name)
-        bad = int((~torch.isfinite(tensor)).sum())
-        raise S2DError(f"{source}: tensor {name} holds {bad:,} NaN/Inf value(s) of {tensor.numel():,}; the file "
-                       "is damaged or the run that wrote it diverged. Re-create it (for a fine-tune, resume from an "
-                       "earlier checkpoint or lower the learning rate)")
+    check_finite_tensors([*model.named_parameters(), *model.named_buffers()], source)
 
 
 def _restore_quantization(model, folder: Path) -> None:

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from s2d.arch import ModelDescription, capture_block_inputs, model_inputs, run_block
+from s2d.arch.finite import check_finite_tensors
 from s2d.errors import S2DError
 from s2d.lowrank.asvd import InputGram
 from s2d.lowrank.io import read_tensors, tied_keys, weight_map
@@ -193,7 +194,9 @@ class DiskBlocks:
         head = self.desc.head + "." if self.desc.head else None
         self.deferred = [k for k in keys if head and k.startswith(head) and k not in tied]
         loaded = [k for k in keys if k not in self.deferred]
-        model.load_state_dict(read_tensors(self.folder, loaded, self.mapping), strict=False, assign=True)
+        rest = read_tensors(self.folder, loaded, self.mapping)
+        check_finite_tensors(rest.items(), str(self.folder))
+        model.load_state_dict(rest, strict=False, assign=True)
         model.tie_weights()
         self.rest = loaded
 
@@ -205,6 +208,7 @@ class DiskBlocks:
             raise S2DError(f"block {i} in {self.folder} does not match the config: missing "
                            f"{sorted(expected - set(keys))[:5]}, unexpected {sorted(set(keys) - expected)[:5]}")
         state = read_tensors(self.folder, keys, self.mapping)
+        check_finite_tensors(state.items(), str(self.folder))
         block.load_state_dict({k[len(prefix):]: v for k, v in state.items()}, strict=True, assign=True)
 
     def release(self, i: int) -> None:
