@@ -22,6 +22,14 @@ def _calib(n=8, seq=32, seed=0):
     return torch.randint(0, 256, (n, seq), generator=torch.Generator().manual_seed(seed))
 
 
+def _describes(folder) -> dict:
+    """What compress_folder needs to know of a folder's model (the command layer reads it in `s2d compress`)."""
+    from s2d.assets.hf import model_class, pretrained_config
+
+    config = pretrained_config(folder, trust_remote_code=False)
+    return {"hf_config": config, "model_class": model_class(config)}
+
+
 def _logits(model, ids):
     with torch.no_grad():
         out = model(input_ids=ids)
@@ -121,7 +129,8 @@ def test_compress_from_disk_block_by_block_equals_in_memory(tmp_path, family):
     ids = _calib()
     config = LowRankConfig(method="rom", keep=0.75, chunk_size=3)
     mem = compress(model, config, calib=ids, progress=False)
-    disk = compress_folder(tmp_path / "dense", config, tmp_path / "out", calib=ids, progress=False)
+    disk = compress_folder(tmp_path / "dense", config, tmp_path / "out", calib=ids, progress=False,
+                           **_describes(tmp_path / "dense"))
     assert disk.ranks == mem.ranks and disk.summary == mem.summary
     again, _ = load_model(tmp_path / "out")
     assert torch.equal(_logits(again, ids), _logits(model, ids))
@@ -148,7 +157,7 @@ def test_compress_from_disk_frees_each_block_it_has_written(tmp_path, monkeypatc
     monkeypatch.setattr(DiskBlocks, "release", counting_release)
     del model
     compress_folder(tmp_path / "dense", LowRankConfig(method="rom", keep=0.75, chunk_size=3), tmp_path / "out",
-                    calib=_calib(), progress=False)
+                    calib=_calib(), progress=False, **_describes(tmp_path / "dense"))
     assert live_after and all(n == 0 for n in live_after), live_after
 
 
@@ -225,7 +234,8 @@ def test_missing_shard_and_mismatched_low_rank_block_are_refused(tmp_path):
     model.save_pretrained(tmp_path / "sharded", max_shard_size="60KB")
     next(iter(sorted((tmp_path / "sharded").glob("*.safetensors")))).unlink()
     with pytest.raises(S2DError, match="missing"):
-        compress_folder(tmp_path / "sharded", LowRankConfig(method="svd"), tmp_path / "out2")
+        compress_folder(tmp_path / "sharded", LowRankConfig(method="svd"), tmp_path / "out2",
+                        **_describes(tmp_path / "sharded"))
     config["low_rank"]["layers"][name]["rank"] -= 1
     (tmp_path / "sharded" / "config.json").write_text(json.dumps({**json.loads(
         (tmp_path / "sharded" / "config.json").read_text()), "low_rank": config["low_rank"]}))

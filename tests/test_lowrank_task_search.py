@@ -3,9 +3,9 @@
 import pytest
 
 from s2d import load_model
+from s2d.commands.search_probe import task_probe
 from s2d.errors import S2DError
 from s2d.eval import EvalConfig, build_task, evaluate, score_multiple_choice
-from s2d.eval.search_probe import TaskProbe
 from s2d.eval.tasks import split_task
 from s2d.lowrank import LowRankConfig, compress
 from s2d.lowrank.budget import model_parameters
@@ -36,7 +36,7 @@ def test_split_is_disjoint_complete_spread_and_stable():
 def test_probe_accuracy_from_cached_blocks_matches_a_plain_scoring():
     model, tok = load_model("tiny:llama")
     config = _config()
-    probe = TaskProbe(model, tok, config, batch_size=7)
+    probe = task_probe(model, tok, config, batch_size=7)
     examples = split_task(build_task("polarity"), 0.2)[0].examples
     for c in range(3):
         plain = score_multiple_choice(model, tok, examples[c::3], progress=False).acc
@@ -48,7 +48,7 @@ def test_probe_accuracy_from_cached_blocks_matches_a_plain_scoring():
 def test_task_search_keeps_the_max_over_chunks_of_the_first_passing_rank():
     model, tok = load_model("tiny:llama")
     config = _config()
-    probe = TaskProbe(model, tok, config)
+    probe = task_probe(model, tok, config)
     report = compress(model, config, tokenizer=tok, probe=probe, progress=False)
     s = report.search
     assert s["variant"] == "task" and len(s["acc_ref"]) == 3
@@ -84,7 +84,7 @@ def test_report_split_leaves_the_search_examples_out():
 
 def test_task_search_without_its_probe_says_how_to_get_one():
     model, tok = load_model("tiny:llama")
-    with pytest.raises(S2DError, match="TaskProbe"):
+    with pytest.raises(S2DError, match="task_probe"):
         compress(model, _config(), tokenizer=tok, progress=False)
 
 

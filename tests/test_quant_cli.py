@@ -10,7 +10,7 @@ SMALL = ["--n-samples", "4", "--seq-len", "32", "--ppl-tokens", "1024"]
 
 
 def test_single_scheme_is_saved_evaluated_and_reloads(tmp_path, capsys):
-    from s2d.assets import load_model
+    from s2d import load_model
     from s2d.eval.suite import EvalConfig, evaluate
 
     out = tmp_path / "q"

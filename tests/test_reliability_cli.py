@@ -254,7 +254,7 @@ def test_overwrite_replaces_a_run_and_a_failed_overwrite_puts_the_old_one_back(t
 
     def broken(*a, **k):
         raise S2DError("injected failure in the middle of the run")
-    monkeypatch.setattr("s2d.eval.suite.evaluate", broken)
+    monkeypatch.setattr("s2d.commands.eval.evaluate", broken)
     assert "injected failure" in refused([*args, "--overwrite"], capsys)
     assert (out / "metrics.json").read_bytes() == first and not (out / ".s2d-previous").exists()
     monkeypatch.undo()
@@ -267,7 +267,7 @@ def test_a_failed_new_run_leaves_no_folder_and_a_resumable_one_keeps_its_progres
     def broken(*a, **k):
         raise S2DError("injected failure after the first cell")
     out = tmp_path / "eval"
-    monkeypatch.setattr("s2d.eval.suite.evaluate", broken)
+    monkeypatch.setattr("s2d.commands.eval.evaluate", broken)
     refused(argv("eval", "tiny:llama", out), capsys)
     assert not out.exists()
     monkeypatch.undo()
@@ -276,7 +276,7 @@ def test_a_failed_new_run_leaves_no_folder_and_a_resumable_one_keeps_its_progres
     cells = ["quantize", "tiny:llama", "--sweep", "--schemes", "W8A8,W4A8", "--methods", "rtn",
              *QUICK["quantize"][2:], "--out", str(out)]
     calls = []
-    import s2d.quant.run as qrun
+    import s2d.commands.quantize as qrun
 
     real = qrun.quantize_one
 
@@ -323,14 +323,14 @@ def test_the_interrupted_message_says_how_to_resume(tmp_path, capsys, monkeypatc
     def interrupted(*a, **k):
         (tmp_path / "ft" / "checkpoints" / "step-2").mkdir(parents=True)
         raise KeyboardInterrupt
-    monkeypatch.setattr("s2d.train.run.train", interrupted)
+    monkeypatch.setattr("s2d.commands.finetune.train", interrupted)
     args = argv("finetune", "tiny:llama", tmp_path / "ft")
     assert main(args) == 130
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("s2d: interrupted;") and err.endswith("--resume`") and "Traceback" not in err
     assert (tmp_path / "ft" / "checkpoints" / "step-2").is_dir()
 
-    monkeypatch.setattr("s2d.eval.suite.evaluate", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    monkeypatch.setattr("s2d.commands.eval.evaluate", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
     assert main(argv("eval", "tiny:llama", tmp_path / "ev")) == 130
     assert "nothing of this run was kept" in capsys.readouterr().err and not (tmp_path / "ev").exists()
 

@@ -5,11 +5,11 @@ import torch
 
 from s2d.assets import load_model
 from s2d.cli import main
+from s2d.commands.quantize import QuantRunConfig
 from s2d.errors import S2DError
 from s2d.lowrank import LowRankConfig, compress
 from s2d.quant import QuantConfig, quantize
 from s2d.quant.api import prepare_qat
-from s2d.quant.run import QuantRunConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -11,8 +11,9 @@ import torch
 
 from s2d.assets import load_model
 from s2d.cli import main
+from s2d.commands.tasks import make_task
 from s2d.errors import S2DError
-from s2d.train import TrainConfig, make_task, train
+from s2d.train import TrainConfig, train
 
 
 def _config(**kw) -> TrainConfig:

@@ -7,9 +7,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from s2d.assets import load_model
+from s2d import load_model
+from s2d.commands.tasks import make_task
 from s2d.errors import S2DError
-from s2d.train import TrainConfig, make_task, train
+from s2d.train import TrainConfig, train
 
 
 def _config(**kw) -> TrainConfig:
@@ -150,8 +151,8 @@ def test_ddp_two_processes_equal_one(tmp_path):
 def test_qat_trains_through_fake_quant_and_saves_the_integers_it_simulated(tmp_path):
     import copy
 
+    from s2d.commands.finetune import finetune
     from s2d.quant import FakeQuantLinear, QuantConfig, prepare_qat, quantize, quantized_layers
-    from s2d.train.run import finetune
 
     base = dict(task="lm", steps=3, batch_size=2, seq_len=32, lr=1e-3, warmup=0, eval_every=0, log_every=1)
     plain = finetune("tiny:llama", TrainConfig(**base), tmp_path / "plain", progress=False)

@@ -13,8 +13,9 @@ __version__ = "0.1.0"
 
 
 def load_model(spec, **kwargs):
-    """Load a model and its tokenizer or processor by name, `tiny:<family>` or local folder."""
-    from s2d.assets.models import load_model as _load
+    """Load a model and its tokenizer or processor by name, `tiny:<family>`, local folder, or a folder that
+    `s2d compress` or `s2d quantize` wrote."""
+    from s2d.commands.load import load_model as _load
 
     return _load(spec, **kwargs)
 

@@ -13,7 +13,7 @@ from s2d.errors import S2DError
 
 def _info(args: argparse.Namespace) -> None:
     from s2d.arch import summary
-    from s2d.assets import load_model
+    from s2d.commands.load import load_model
 
     model, _ = load_model(args.model, trust_remote_code=args.trust_remote_code)
     info = summary(model)
@@ -35,9 +35,9 @@ def _info(args: argparse.Namespace) -> None:
 
 
 def _finetune(args: argparse.Namespace) -> None:
+    from s2d.commands.finetune import finetune
     from s2d.runs import default_run_dir
     from s2d.train import TrainConfig
-    from s2d.train.run import finetune
 
     config = TrainConfig.load(args.config) if args.config else TrainConfig()
     overrides = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__ and v is not None}
@@ -46,12 +46,14 @@ def _finetune(args: argparse.Namespace) -> None:
     if args.reg_option:
         config.reg_config = dict(config.reg_config, **_parse_options(args.reg_option, "--reg-option"))
     out = args.out or default_run_dir("finetune")
-    result = finetune(args.model, config, out, trust_remote_code=args.trust_remote_code, mode=_mode(args))
+    result = finetune(args.model, config, out, trust_remote_code=args.trust_remote_code, mode=_mode(args),
+                      argv=args.argv)
     print(f"finetuned {args.model} for {result.steps} steps in {result.seconds:.1f} s; run folder: {out}")
 
 
 def _eval(args: argparse.Namespace) -> None:
-    from s2d.eval.suite import EvalConfig, parse_list, run_eval
+    from s2d.commands.eval import run_eval
+    from s2d.eval.suite import EvalConfig, parse_list
     from s2d.runs import default_run_dir
 
     config = EvalConfig(tasks=parse_list(args.tasks), seq_lens=parse_list(args.seq_len, int), limit=args.limit,
@@ -61,7 +63,8 @@ def _eval(args: argparse.Namespace) -> None:
     if args.batch_size is not None:
         config.batch_size = args.batch_size
     out = args.out or default_run_dir("eval")
-    metrics = run_eval(args.model, config, out, trust_remote_code=args.trust_remote_code, mode=_mode(args))
+    metrics = run_eval(args.model, config, out, trust_remote_code=args.trust_remote_code, mode=_mode(args),
+                       argv=args.argv)
     for name, m in metrics["tasks"].items():
         value = f"ppl {m['ppl']:.4f} on {m['n_tokens']:,} tokens" if "ppl" in m else \
             f"acc {m['acc']:.4f} acc_norm {m['acc_norm']:.4f} on {m['n']} examples"
@@ -70,8 +73,8 @@ def _eval(args: argparse.Namespace) -> None:
 
 
 def _compress(args: argparse.Namespace) -> None:
+    from s2d.commands.compress import run_compress
     from s2d.lowrank import LowRankConfig
-    from s2d.lowrank.run import run_compress
     from s2d.runs import default_run_dir
 
     ranks = _parse_options(args.ranks, "--ranks") if args.ranks else None
@@ -89,7 +92,7 @@ def _compress(args: argparse.Namespace) -> None:
     out = args.out or default_run_dir("compress")
     m = run_compress(args.model, config, out, tasks, merge=args.merge, save_model=not args.no_model,
                      eval_limit=args.limit, ppl_tokens=args.ppl_tokens, trust_remote_code=args.trust_remote_code,
-                     mode=_mode(args))
+                     mode=_mode(args), argv=args.argv)
     s = m["compression"]["summary"]
     print(f"{args.method}: {s['params_before']:,} -> {s['params_after']:,} parameters ({s['fraction_kept']:.2%} "
           f"of the model, {s['block_linear_fraction_kept']:.2%} of block Linears) in "
@@ -107,73 +110,31 @@ def _diagnose_config(args: argparse.Namespace):
     return DiagnoseConfig(**{k: v for k, v in vars(args).items() if k in fields and v is not None}).validate()
 
 
-def _command_line() -> str:
-    import shlex
-
-    return "s2d " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-
-
 def _diagnose(args: argparse.Namespace) -> None:
-    from s2d.assets import load_model
-    from s2d.diagnose import diagnose
-    from s2d.report.diagnose import write_report
-    from s2d.runs import RunFolder, default_run_dir
+    from s2d.commands.diagnose import run_diagnose
+    from s2d.runs import default_run_dir
 
-    config = _diagnose_config(args)
-    with RunFolder(args.out or default_run_dir("diagnose"), "diagnose", dict(config.to_dict(), model=args.model),
-                   seed=config.seed, mode=_mode(args)) as run:
-        model, processor = load_model(args.model, trust_remote_code=args.trust_remote_code)
-        result = diagnose(model, processor, config)
-        run.write_metrics(dict(result, model=args.model))
-        paths = write_report(run, result, args.model, _command_line())
+    result, run = run_diagnose(args.model, _diagnose_config(args), args.out or default_run_dir("diagnose"),
+                               trust_remote_code=args.trust_remote_code, mode=_mode(args), argv=args.argv)
     print("\n".join(result["reading"]))
-    print(f"report: {paths['html']}\nrun folder: {run.path}")
+    print(f"report: {run.path / 'report.html'}\nrun folder: {run.path}")
 
 
 def _compare(args: argparse.Namespace) -> None:
-    from s2d.report.compare import rank
-    from s2d.runs import RunFolder, default_run_dir
+    from s2d.commands.diagnose import run_compare
+    from s2d.runs import default_run_dir
 
-    if len(args.models) < 2:
-        raise S2DError(f"compare ranks two or more models, got one ({args.models[0]}); add another, or use "
-                       f"`s2d diagnose {args.models[0]}` for one model")
-    config = _diagnose_config(args)
-    with RunFolder(args.out or default_run_dir("compare"), "compare", dict(config.to_dict(), models=args.models),
-                   seed=config.seed, mode=_mode(args)) as run:
-        severities, details = _compare_into(run, args, config)
-    for i, (name, sev) in enumerate(rank(severities)):
+    ranking, run = run_compare(args.models, _diagnose_config(args), args.out or default_run_dir("compare"),
+                               trust_remote_code=args.trust_remote_code, mode=_mode(args), argv=args.argv)
+    for i, (name, sev) in enumerate(ranking):
         print(f"{i + 1}. {name:<28} max|x| {sev['max_abs']:>10.4g}  mean kurtosis {sev['mean_kurtosis']:>9.4g}  "
               f"massive {sev['massive_count']:>5}  σ₁ p99 {sev['sigma1_p99']:.4g}")
     print(f"report: {run.path / 'report.html'}\nrun folder: {run.path}")
 
 
-def _compare_into(run, args: argparse.Namespace, config) -> tuple[dict, dict]:
-    import dataclasses
-
-    from s2d.arch import describe
-    from s2d.assets import load_model
-    from s2d.diagnose import diagnose
-    from s2d.report.compare import rank, write_compare_report
-
-    severities, details = {}, {}
-    for name in args.models:
-        model, processor = load_model(name, trust_remote_code=args.trust_remote_code)
-        own = config
-        if describe(model).kind == "vision" and config.data == "wiki":
-            own = dataclasses.replace(config, data="fashion-mnist")  # a ViT is calibrated on images
-        result = diagnose(model, processor, own)
-        severities[name] = result["severity"]
-        details[name] = {"family": result["family"], "data": f"{own.data}: {result['samples']} × {result['seq_len']}",
-                         "reading": result["reading"]}
-        del model
-    run.write_metrics({"severity": severities, "details": details, "ranking": [n for n, _ in rank(severities)]})
-    write_compare_report(run, severities, details, _command_line())
-    return severities, details
-
-
 def _quantize(args: argparse.Namespace) -> None:
+    from s2d.commands.quantize import QuantRunConfig, run_quantize
     from s2d.eval.suite import parse_list
-    from s2d.quant.run import QuantRunConfig, run_quantize
     from s2d.runs import default_run_dir
 
     if args.sweep:
@@ -194,7 +155,7 @@ def _quantize(args: argparse.Namespace) -> None:
         config.smooth_alpha = args.smooth
     out = args.out or default_run_dir("quantize")
     metrics = run_quantize(args.model, config, out, save_model=not args.no_model,
-                           trust_remote_code=args.trust_remote_code, mode=_mode(args))
+                           trust_remote_code=args.trust_remote_code, mode=_mode(args), argv=args.argv)
     for key, entry in metrics["results"].items():
         values = "  ".join(f"{task} {r.get('ppl', r.get('acc')):.4g}" for task, r in entry["eval"].items())
         print(f"{key:<24} {values}")
@@ -366,7 +327,9 @@ def _run_arguments(p: argparse.ArgumentParser, resumable: bool) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    args.argv = argv  # recorded in each run folder's config.yaml and quoted in its report
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     logging.getLogger("s2d").setLevel(logging.INFO)
     try:
@@ -375,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"s2d: error: {_one_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as err:
-        print(f"s2d: {_interrupted(err, sys.argv[1:] if argv is None else argv)}", file=sys.stderr)
+        print(f"s2d: {_interrupted(err, argv)}", file=sys.stderr)
         return 130
     except Exception as err:  # a bug, not bad input: one line, and the traceback on request
         if args.verbose:

@@ -14,25 +14,35 @@ from pathlib import Path
 from s2d.errors import S2DError
 
 
-def _fail(path: Path, err: Exception, needed: int | None = None) -> S2DError:
-    if disk_full(err):
-        free = shutil.disk_usage(path.parent if path.parent.exists() else Path.cwd()).free
-        need = f"at least {_human(needed)} were needed, " if needed else ""
-        return S2DError(f"the disk is full (No space left on device): could not write {path} ({need}"
-                        f"{_human(free)} free there). Free some space or pass --out on another disk; the previous "
-                        "contents of that path are intact.")
+def _fail(path: Path, err: Exception, written: int | None = None, free: int | None = None,
+          needed: int | None = None) -> S2DError:
+    if disk_full(err, path):
+        free = _free(path) if free is None else free
+        done = f"about {_human(needed)} were needed, " if needed else \
+            f"{_human(written)} had been written when it filled, " if written else ""
+        return S2DError(f"the disk is full (No space left on device): could not write {path} ({done}"
+                        f"{_human(free)} free there). Free some space or pass --out on another disk; the "
+                        "previous contents of that path are intact.")
     return S2DError(
         f"could not write {path}: {getattr(err, 'strerror', None) or err}. Check that the folder is writable and "
         "the disk has space; nothing was overwritten."
     )
 
 
-def disk_full(err: BaseException) -> bool:
-    """ENOSPC, however the writer reports it: OSError, or the text of safetensors' and torch.save's errors."""
+def disk_full(err: BaseException, path: Path | None = None) -> bool:
+    """ENOSPC, however the writer reports it: OSError, the text of safetensors' and torch.save's errors, or (as
+    torch's zip writer says only "unexpected pos") a write error with the disk at `path` all but full."""
     if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
         return True
     text = str(err)
-    return any(s in text for s in ("No space left", "StorageFull", "os error 28", "file write failed"))
+    if any(s in text for s in ("No space left", "StorageFull", "os error 28", "file write failed", "unexpected pos")):
+        return True
+    return path is not None and isinstance(err, OSError | RuntimeError) and _free(path) < 1 << 20
+
+
+def _free(path: Path) -> int:
+    folder = next((p for p in (path, *path.parents) if p.exists()), Path.cwd())
+    return shutil.disk_usage(folder).free
 
 
 def _human(n: int) -> str:
@@ -69,7 +79,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
         os.replace(tmp, path)
     except OSError as err:
         Path(tmp).unlink(missing_ok=True)
-        raise _fail(path, err, len(data)) from err
+        raise _fail(path, err, needed=len(data)) from err
     return path
 
 
@@ -91,9 +101,17 @@ def _json_default(obj):
     raise TypeError(f"cannot serialise {type(obj).__name__}")
 
 
+def nbytes(tensors) -> int:
+    """Bytes of an iterable of tensors (what saving them will need on disk, give or take headers)."""
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 @contextmanager
-def atomic_dir(path: str | Path):
-    """Yield a temporary sibling folder; on success it replaces `path` in one rename."""
+def atomic_dir(path: str | Path, needed: int | None = None):
+    """Yield a temporary sibling folder; on success it replaces `path` in one rename.
+
+    `needed` (bytes, an estimate of what will be written) makes a full disk's error say how much was needed.
+    """
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -111,15 +129,12 @@ def atomic_dir(path: str | Path):
         os.replace(tmp, path)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-    except OSError as err:
-        written = _size(tmp)
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise _fail(path, err, written) from err
     except BaseException as err:
-        written = _size(tmp)
+        written, free = _size(tmp), _free(tmp)  # measured before the partial output is removed
+        full = isinstance(err, Exception) and not isinstance(err, S2DError) and disk_full(err, tmp)
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(err, Exception) and not isinstance(err, S2DError) and disk_full(err):
-            raise _fail(path, err, written) from err  # safetensors and torch.save do not raise OSError for it
+        if isinstance(err, OSError) or full:  # safetensors and torch.save do not raise OSError for a full disk
+            raise _fail(path, err, written, free, needed) from err
         raise
 
 

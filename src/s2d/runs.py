@@ -8,7 +8,6 @@ import logging
 import os
 import platform
 import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +61,7 @@ class RunFolder:
     """
 
     def __init__(self, path: str | Path, command: str, config: dict[str, Any], seed: int | None = None, *,
-                 mode: str = "new", resumable: bool = False):
+                 mode: str = "new", resumable: bool = False, argv: list[str] | None = None):
         import torch
 
         if mode not in MODES:
@@ -85,7 +84,8 @@ class RunFolder:
                            "or choose another --out")
         self.figures = self.path / "figures"
         self.command = command
-        self.config = {"command": command, "argv": sys.argv[1:], "seed": seed, "config": config,
+        self.argv = list(argv) if argv is not None else []  # the CLI's; the Python API records none
+        self.config = {"command": command, "argv": self.argv, "seed": seed, "config": config,
                        "versions": versions(), "threads": torch.get_num_threads(),  # wall times depend on it
                        "created": _dt.datetime.now().isoformat(timespec="seconds")}
         atomic_write_text(self.path / "config.yaml", yaml.safe_dump(self.config, sort_keys=False))
@@ -94,6 +94,12 @@ class RunFolder:
         """metrics.json; a NaN or Inf anywhere in it is an S2DError instead (and an earlier metrics.json stays)."""
         check_metrics(metrics, self.path)
         return atomic_write_json(self.path / "metrics.json", metrics)
+
+    def command_line(self, fallback: str) -> str:
+        """The command that made this run, as a user would type it (`s2d <fallback>` for Python API runs)."""
+        import shlex
+
+        return "s2d " + (" ".join(shlex.quote(a) for a in self.argv) if self.argv else fallback)
 
     def write_text(self, name: str, text: str) -> Path:
         return atomic_write_text(self.path / name, text)
@@ -115,7 +121,8 @@ class RunFolder:
             self.close()
             return
         # A resumable run keeps what it got done (checkpoints, finished cells); anything else is undone.
-        kept = self.resumable and any(e.name != "config.yaml" for e in _entries(self.path))
+        # An overwrite that fails puts the earlier run back, resumable or not: that run was complete.
+        kept = self.resumable and self._previous is None and any(e.name != "config.yaml" for e in _entries(self.path))
         if not kept:
             self._discard()
         self._release()

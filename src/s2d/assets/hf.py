@@ -106,6 +106,25 @@ def check_weight_files(folder: Path) -> None:
     raise S2DError(f"{folder} has no weights: expected model.safetensors (or a sharded model.safetensors.index.json)")
 
 
+HEADS = {"sequence-classification": "AutoModelForSequenceClassification",
+         "image-classification": "AutoModelForImageClassification"}
+
+
+def model_class(config, head: str | None = None):
+    """The transformers class for a folder's config: its own architecture, or an Auto class for a new head."""
+    import transformers
+
+    if head is not None:
+        if head not in HEADS:
+            raise S2DError(f"unknown head {head!r}; use one of {', '.join(HEADS)}")
+        return getattr(transformers, HEADS[head])
+    for name in config.architectures or []:
+        cls = getattr(transformers, name, None)
+        if cls is not None:
+            return cls
+    return transformers.AutoModel
+
+
 def pretrained_model(model_class, folder: Path, trust_remote_code: bool, *, allow_missing: tuple[str, ...] = (),
                      **kwargs):
     """Load safetensors weights into `model_class`; a missing or unexpected tensor is an error, not random init.

@@ -7,6 +7,7 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -38,11 +39,14 @@ def load_model(
     trust_remote_code: bool = False,
     head: str | None = None,
     num_labels: int | None = None,
+    restore: Restore | None = None,
 ):
     """Return (model, tokenizer_or_processor) for a name, `tiny:<family>` or a local HF folder.
 
     `head` ("sequence-classification" or "image-classification") loads a folder's backbone under a
-    freshly initialized classifier with `num_labels` outputs, for fine-tuning.
+    freshly initialized classifier with `num_labels` outputs, for fine-tuning. A folder that s2d's own savers
+    wrote (a `low_rank` or `quantization` block in config.json) needs `restore`, which `s2d.load_model` passes:
+    assets knows where models come from, not how the methods save them.
     """
     from transformers.utils import logging as hf_logging
 
@@ -51,7 +55,7 @@ def load_model(
     if spec_str == "smollm2-135m":
         model, tok = _load_smollm2(dtype)
     elif spec_str == "minilm-l6":
-        model, tok = _load_folder(_package_folder_minilm(), dtype, trust_remote_code, head, num_labels)
+        model, tok = _load_folder(_package_folder_minilm(), dtype, trust_remote_code, head, num_labels, restore)
     elif spec_str.startswith("tiny:"):
         from s2d.assets.tiny import tiny_model
 
@@ -61,7 +65,7 @@ def load_model(
 
         model, tok = scratch_model(spec_str.split(":", 1)[1], dtype=dtype)
     elif Path(spec_str).expanduser().exists():
-        model, tok = _load_folder(Path(spec_str).expanduser(), dtype, trust_remote_code, head, num_labels)
+        model, tok = _load_folder(Path(spec_str).expanduser(), dtype, trust_remote_code, head, num_labels, restore)
     else:
         known = ", ".join(MODELS)
         raise S2DError(f"unknown model {spec_str!r}: use one of {known}, or the path of a local HF model folder")
@@ -85,8 +89,10 @@ def _package_folder_minilm() -> Path:
     return folder
 
 
-HEADS = {"sequence-classification": "AutoModelForSequenceClassification",
-         "image-classification": "AutoModelForImageClassification"}
+# The blocks s2d's own savers add to config.json, and the command that writes each.
+S2D_BLOCKS = {"low_rank": "s2d compress", "quantization": "s2d quantize"}
+# restore(folder, config, model_class, dtype, load_plain) -> model: rebuilds such a folder (s2d.load_model's).
+Restore = Callable[[Path, object, type, torch.dtype, Callable[[], object]], object]
 HEAD_KINDS = {"sequence-classification": "encoder", "image-classification": "vision"}
 
 
@@ -102,39 +108,25 @@ def _check_head_fits(folder: Path, config, head: str | None) -> None:
                        f"model, and {folder} is {family.name} ({family.kind}): use finetune --task {fits}")
 
 
-def _model_class(config, head: str | None = None):
-    import transformers
-
-    if head is not None:
-        if head not in HEADS:
-            raise S2DError(f"unknown head {head!r}; use one of {', '.join(HEADS)}")
-        return getattr(transformers, HEADS[head])
-    for name in config.architectures or []:
-        cls = getattr(transformers, name, None)
-        if cls is not None:
-            return cls
-    return transformers.AutoModel
-
-
 def _load_folder(folder: Path, dtype: torch.dtype, trust_remote_code: bool, head: str | None = None,
-                 num_labels: int | None = None):
-    from s2d.assets.hf import pretrained_config, pretrained_model, pretrained_tokenizer
+                 num_labels: int | None = None, restore: Restore | None = None):
+    from s2d.assets.hf import model_class, pretrained_config, pretrained_model, pretrained_tokenizer
 
     config = pretrained_config(folder, trust_remote_code)
     _check_head_fits(folder, config, head)
     extra = {"num_labels": num_labels} if head and num_labels else {}
-    # Low-rank models written by `s2d compress` list their factorized Linears in a `low_rank` block of
-    # config.json; s2d.lowrank.io rebuilds them (plain from_pretrained would drop the factors).
-    if getattr(config, "low_rank", None):
-        from s2d.lowrank.io import load as load_low_rank
+    cls = model_class(config, head)
+    # A fresh classifier head is meant to be missing from a backbone's weights; nothing else may be.
+    fresh = ("classifier", "score") if head else ()
 
-        model = _damaged_folder_is_an_error(folder, load_low_rank, folder, config, _model_class(config, head), dtype)
-    else:
-        cls = _model_class(config, head)
-        # A fresh classifier head is meant to be missing from a backbone's weights; nothing else may be.
-        fresh = ("classifier", "score") if head else ()
-        model = pretrained_model(cls, folder, trust_remote_code, allow_missing=fresh, dtype=dtype, **extra)
-    _damaged_folder_is_an_error(folder, _restore_quantization, model, folder)
+    def plain():
+        return pretrained_model(cls, folder, trust_remote_code, allow_missing=fresh, dtype=dtype, **extra)
+
+    written_by = [cmd for block, cmd in S2D_BLOCKS.items() if block in json.loads((folder / "config.json").read_text())]
+    if written_by and restore is None:
+        raise S2DError(f"{folder} was written by `{written_by[0]}`; load it with s2d.load_model, which restores "
+                       "its low-rank or quantized layers")
+    model = _damaged_folder_is_an_error(folder, restore, folder, config, cls, dtype, plain) if written_by else plain()
     return model, pretrained_tokenizer(folder, trust_remote_code)
 
 
@@ -154,15 +146,6 @@ def check_finite(model, source: str) -> None:
     from s2d.arch.finite import check_finite_tensors
 
     check_finite_tensors([*model.named_parameters(), *model.named_buffers()], source)
-
-
-def _restore_quantization(model, folder: Path) -> None:
-    """Quantized models written by `s2d quantize` carry a `quantization` block in config.json and their integer
-    weights in quantization.safetensors; s2d.quant.io swaps the QuantLinears back in (late import)."""
-    if "quantization" in json.loads((folder / "config.json").read_text()):
-        from s2d.quant.io import restore
-
-        restore(model, folder)
 
 
 # -- SmolLM2: dequantize the packaged GGUF once, then reload plain safetensors from the cache ----------------

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from s2d.errors import S2DError
-from s2d.regularize.spectral import pcdr
+from s2d.spectral import pcdr
 
 
 def weight_spectrum(weight: torch.Tensor, top_k: int, keep: int, name: str = "this Linear") -> tuple[dict, tuple]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from pathlib import Path
 
 from torch import nn
 
@@ -114,42 +113,3 @@ def _check_finite(what: str, values: list[float], model: nn.Module, probe_ids) -
 
 def _chance(task) -> float:
     return sum(1 / len(ex.choices) for ex in task.examples) / len(task.examples)
-
-
-def report_markdown(model_name: str, config: EvalConfig, results: dict, command: str) -> str:
-    """report.md of an eval run: one table for perplexity, one for the tasks, and the command."""
-    from s2d.report import fmt, md_table
-
-    ppl = [(k, v["convention"], v["seq_len"], v["n_windows"], v["n_tokens"], v["ppl"], v["nll_mean"])
-           for k, v in results.items() if "ppl" in v]
-    mc = [(k, v["version"], v["n"], v["acc"], v["acc_norm"], v["chance"]) for k, v in results.items() if "acc" in v]
-    parts = [f"# Evaluation of {model_name}\n", f"Command: `{command}`\n"]
-    if ppl:
-        parts += ["## Perplexity\n", md_table(["task", "convention", "seq_len", "windows", "tokens scored", "ppl",
-                                               "mean NLL (nats)"], ppl)]
-    if mc:
-        parts += ["## Zero-shot multiple choice\n",
-                  md_table(["task", "version", "examples", "acc", "acc_norm", "chance"], mc)]
-    parts.append(f"Seed {config.seed}; limit {fmt(config.limit)}.\n")
-    return "\n".join(parts)
-
-
-def run_eval(model_spec: str, config: EvalConfig, out: str | Path, trust_remote_code: bool = False,
-             mode: str = "new") -> dict:
-    """Load a model, evaluate it, and write config.yaml, metrics.json and report.md into the run folder `out`."""
-    import sys
-
-    from s2d.assets import load_model
-    from s2d.runs import RunFolder
-
-    config.validate()
-    with RunFolder(out, "eval", {"model": str(model_spec), **config.to_dict()}, seed=config.seed, mode=mode) as run:
-        model, tokenizer = load_model(model_spec, trust_remote_code=trust_remote_code)
-        results = evaluate(model, tokenizer, config)
-        metrics = {"model": str(model_spec), "tasks": results,
-                   "units": {"ppl": "exp(mean NLL per scored token)", "nll_mean": "nats per token",
-                             "acc": "fraction", "seconds": "wall-clock seconds"}}
-        run.write_metrics(metrics)
-        command = "s2d " + " ".join(sys.argv[1:]) if sys.argv[1:] else f"s2d eval {model_spec}"
-        run.write_text("report.md", report_markdown(str(model_spec), config, results, command))
-    return metrics

@@ -19,18 +19,14 @@ from tqdm.auto import tqdm
 
 from s2d.arch import ModelDescription, describe
 from s2d.errors import S2DError
-from s2d.lowrank.asvd import asvd_factors
 from s2d.lowrank.budget import RankPlan, layers_of, model_parameters, plan_keep, plan_ranks
 from s2d.lowrank.config import LowRankConfig
-from s2d.lowrank.factorized import Factors
+from s2d.lowrank.factors import STATS, collect_factors, factors_for
 from s2d.lowrank.io import FORMAT, VERSION, skeleton
-from s2d.lowrank.rom import rom_factors
 from s2d.lowrank.runner import BlockRunner, DiskBlocks
-from s2d.lowrank.svd import svd_factors
 
 log = logging.getLogger(__name__)
 
-STATS = {"svd": None, "asvd": "input", "rom": "output"}  # what each method calibrates on
 
 Filter = Callable[[nn.Module, str], bool]
 
@@ -87,16 +83,6 @@ def targets_of(desc: ModelDescription, filter: Filter | None = None) -> list:
     return [lin for lin in desc.linears() if keep(lin.module, lin.name)]
 
 
-def factors_for(method: str, module: nn.Module, stats, config: LowRankConfig, max_rank: int,
-                name: str = "this Linear") -> Factors:
-    """The rank-ordered factors of one dense Linear (called `name` in messages) by `method`, cut to `max_rank`."""
-    if method == "svd":
-        return svd_factors(module.weight, module.bias, max_rank, name)
-    if method == "asvd":
-        return asvd_factors(module.weight, module.bias, stats, config.damp, max_rank, name)
-    return rom_factors(module.weight, module.bias, stats, max_rank, name)
-
-
 def plan_for(model: nn.Module, desc: ModelDescription, config: LowRankConfig, filter: Filter | None) -> RankPlan:
     layers = layers_of(desc.linears(), config.method)
     names = {lin.name for lin in targets_of(desc, filter)}
@@ -104,27 +90,6 @@ def plan_for(model: nn.Module, desc: ModelDescription, config: LowRankConfig, fi
     if config.ranks is not None:
         return plan_ranks(layers, targets, model_parameters(model), config.ranks)
     return plan_keep(layers, targets, model_parameters(model), config.keep, config.schedule)
-
-
-def collect_factors(desc: ModelDescription, max_ranks: dict[str, int], config: LowRankConfig, batch,
-                    progress: bool = True) -> dict[str, Factors]:
-    """Factors of the named Linears, every statistic taken on the dense model (non-sequential)."""
-    kind, model = STATS[config.method], desc.model
-    by_block: dict[int, list[str]] = {}
-    for lin in desc.linears():
-        if lin.name in max_ranks:
-            by_block.setdefault(lin.block, []).append(lin.name)
-    runner = BlockRunner(desc, batch, config.chunk_size) if kind else None
-    out = {}
-    last = max(by_block, default=-1)
-    for i in tqdm(range(last + 1), desc="factors", unit="block", disable=not progress):
-        names = by_block.get(i, [])
-        stats = runner.collect(i, runner.groups(i, names), kind) if kind and names else {}
-        for n in names:
-            out[n] = factors_for(config.method, model.get_submodule(n), stats.get(n), config, max_ranks[n], n)
-        if runner is not None and i < last:
-            runner.advance(i)
-    return out
 
 
 def decompose_blocks(desc: ModelDescription, ranks: dict[str, int], config: LowRankConfig, batch,
@@ -188,7 +153,7 @@ def compress(model: nn.Module, config: LowRankConfig, filter: Filter | None = No
     """Compress `model` in place: the Linears `filter(module, name)` selects (default: every block Linear)
     become FactorizedLinears. `calib` is a batch of token ids; without it, wiki train is drawn with
     `tokenizer`. With `config.search`, ranks come from the surgical search instead of the budget; the task
-    search scores `probe` (s2d.eval.search_probe.TaskProbe, built on the dense model before this call)."""
+    search scores `probe` (s2d.commands.search_probe.task_probe, built on the dense model before this call)."""
     config.validate()
     t0 = time.perf_counter()
     desc = describe(model)
@@ -217,11 +182,12 @@ def _describe_in_config(model: nn.Module, config: LowRankConfig) -> None:
 
 
 def compress_folder(folder: str | Path, config: LowRankConfig, out: str | Path, filter: Filter | None = None,
-                    calib=None, tokenizer=None, progress: bool = True,
-                    trust_remote_code: bool = False) -> CompressionReport:
-    """Compress the safetensors model in `folder` into `out`, reading and writing one block at a time."""
-    from s2d.assets.hf import check_weight_files, pretrained_config, pretrained_tokenizer
-    from s2d.assets.models import _model_class
+                    calib=None, tokenizer=None, progress: bool = True, *, hf_config, model_class) -> CompressionReport:
+    """Compress the safetensors model in `folder` into `out`, reading and writing one block at a time.
+
+    `hf_config` and `model_class` describe the folder's model (the caller reads them: lowrank loads no
+    configs); calibration comes from `calib`, or from wiki text through `tokenizer`.
+    """
     from s2d.io import atomic_dir
 
     config.validate()
@@ -234,17 +200,16 @@ def compress_folder(folder: str | Path, config: LowRankConfig, out: str | Path, 
     raw_config = json.loads((folder / "config.json").read_text())
     if "low_rank" in raw_config:
         raise S2DError(f"{folder} is already low-rank; compress its dense original instead")
-    hf_config = pretrained_config(folder, trust_remote_code)
-    check_weight_files(folder)
-    model = skeleton(hf_config, _model_class(hf_config))
+    model = skeleton(hf_config, model_class)
     model.tie_weights()
     desc = describe(model)
     if calib is None and tokenizer is None and STATS[config.method]:
-        tokenizer = pretrained_tokenizer(folder, trust_remote_code)
+        raise S2DError(f"{config.method} calibrates on data: pass calib (token ids) or the model's tokenizer")
     plan = plan_for(model, desc, config, filter)
     batch, tokens = _batch(config, calib, tokenizer) if plan.ranks else (None, 0)
     by_name = {layer.name: layer for layer in plan.layers}
-    with atomic_dir(out) as tmp:
+    source_bytes = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+    with atomic_dir(out, needed=source_bytes) as tmp:
         source = DiskBlocks(folder, desc, tmp)
         decompose_blocks(desc, plan.ranks, config, batch, source=source, progress=progress)
         raw_config["low_rank"] = {"format": FORMAT, "version": VERSION, "method": config.method,

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from s2d.errors import S2DError
-from s2d.io import atomic_dir, atomic_write_json
+from s2d.io import atomic_dir, atomic_write_json, nbytes
 from s2d.lowrank.factorized import FactorizedLinear
 
 FORMAT, VERSION = "s2d.lowrank", 1
@@ -82,7 +82,7 @@ def save(model: nn.Module, folder: str | Path, tokenizer=None, method: str | Non
             swapped[name] = model.get_submodule(name)
             model.set_submodule(name, layer)
     try:
-        with atomic_dir(folder) as tmp:
+        with atomic_dir(folder, needed=nbytes(model.state_dict().values())) as tmp:
             model.save_pretrained(tmp)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)

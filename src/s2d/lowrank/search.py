@@ -6,11 +6,12 @@ cut into chunks; the layer keeps the smallest rank at which every chunk has pass
 rank that passes; for several: the max over chunks of each chunk's first passing rank, SFSD's task rule).
 If no candidate passes, the layer stays dense. With a keep target the walk stops once the model is that small.
 
-Two probes: perplexity on wiki validation windows (here; accept if ppl ≤ ppl_ref · tolerance^(layers
-processed)) and zero-shot task accuracy (`s2d.eval.search_probe.TaskProbe`, passed in by the caller because
-lowrank does not depend on eval). Factors (eigenvectors and means for rom) are computed once on the dense
-model and cut at every candidate rank. Because the walk runs backwards, blocks before the current one are
-still dense, so each trial re-runs only the blocks from the current one on (their inputs are cached).
+Two probes: perplexity on wiki validation windows (accept if ppl ≤ ppl_ref · tolerance^(layers processed)) and
+per-chunk accuracy (`AccuracyProbe`), whose scoring function the caller passes in (the task search's comes from
+s2d.commands.search_probe, because lowrank does not depend on eval). Factors (eigenvectors and means for rom)
+are computed once on the dense model and cut at every candidate rank. Because the walk runs backwards, blocks
+before the current one are still dense, so each trial re-runs only the blocks from the current one on (their
+inputs are cached).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from s2d.arch import ModelDescription, capture_block_inputs, run_block
 from s2d.errors import S2DError
 from s2d.lowrank.budget import Layer, RankPlan, layers_of, model_parameters
 from s2d.lowrank.config import LowRankConfig
+from s2d.lowrank.factors import collect_factors
 from s2d.lowrank.runner import forward_from, returns_tuple
 
 log = logging.getLogger(__name__)
@@ -95,16 +97,46 @@ class PplProbe:
         return {"ppl_final": record["ppl"] if record else self.ppl_ref}
 
 
+class AccuracyProbe:
+    """Accuracy per chunk of a search split, against the dense model's; a chunk passes within `acc_tolerance`.
+
+    The caller supplies the split as token-id batches and two functions: `score(i, logits)` turns batch i's
+    logits into whatever it needs (e.g. option log-likelihoods), `accuracy(scores)` the per-batch scores into
+    accuracy per chunk. Each batch's block inputs are cached, so a trial at block i re-runs only blocks i..
+    """
+
+    def __init__(self, desc: ModelDescription, batches: list[torch.Tensor], score, accuracy, acc_tolerance: float,
+                 info: dict):
+        self.desc, self.batches, self.score, self.accuracy = desc, batches, score, accuracy
+        self.acc_tolerance, self.info = acc_tolerance, info
+        self.cached = [cached_block_inputs(desc, ids) for ids in batches]
+        self.acc_ref = self._accuracy(0)
+
+    @torch.no_grad()
+    def _accuracy(self, block: int) -> list[float]:
+        scores = [self.score(i, forward_from(self.desc, block, inputs[block], ids, tuple_out).logits)
+                  for i, (ids, (inputs, tuple_out)) in enumerate(zip(self.batches, self.cached, strict=True))]
+        return self.accuracy(scores)
+
+    def reference(self) -> dict:
+        return {**self.info, "acc_ref": self.acc_ref, "acc_tolerance": self.acc_tolerance}
+
+    def trial(self, block: int, processed: int) -> tuple[list[bool], dict]:
+        acc = self._accuracy(block)
+        return [a >= r - self.acc_tolerance for a, r in zip(acc, self.acc_ref, strict=True)], {"acc": acc}
+
+    def final(self, record: dict | None) -> dict:
+        return {"acc_final": record["acc"] if record else self.acc_ref}
+
+
 def surgical_search(model, desc: ModelDescription, config: LowRankConfig, targets: list, batch, tokenizer,
                     progress: bool = True, probe: Probe | None = None) -> tuple[RankPlan, dict]:
     """Ranks by search; the model is left compressed at them. Returns the plan and the search record."""
-    from s2d.lowrank.api import collect_factors
-
     if desc.kind != "causal-lm":
         raise S2DError(f"the rank search needs a causal LM; this is a {desc.kind} model")
     if probe is None:
         if config.search != "ppl":
-            raise S2DError("the task search needs its probe: pass probe=s2d.eval.search_probe.TaskProbe(model, "
+            raise S2DError("the task search needs its probe: pass probe=s2d.commands.search_probe.task_probe(model, "
                            "tokenizer, config), or run `s2d compress --search task`")
         probe = PplProbe(desc, config, tokenizer)
     layers = layers_of(desc.linears(), config.method)

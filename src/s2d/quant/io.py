@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from s2d.errors import S2DError
-from s2d.io import atomic_dir
+from s2d.io import atomic_dir, nbytes
 from s2d.quant.config import QuantConfig
 from s2d.quant.linear import QuantLinear
 from s2d.quant.rotate import Rotation
@@ -59,7 +59,7 @@ def save_quantized(model: nn.Module, folder: str | Path, tokenizer=None, config:
                          "rotation": None if rotation is None else [f.shape[0] for f in rotation.factors]}
     block = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": config.to_dict(), "layers": entries}
     folder = Path(folder)
-    with atomic_dir(folder) as tmp:
+    with atomic_dir(folder, needed=nbytes(model.state_dict().values())) as tmp:
         model.save_pretrained(tmp, state_dict=plain_state)
         save_file(quant_tensors, str(tmp / QUANT_FILE), metadata={"format": FORMAT})
         cfg_path = tmp / "config.json"
@@ -105,10 +105,3 @@ def restore(model: nn.Module, folder: str | Path) -> nn.Module:
         set_module(model, name, layer.to(getattr(base, "weight", torch.empty(0)).device))
     model.s2d_quant_config = config
     return model
-
-
-def load_quantized(folder: str | Path):
-    """(model, tokenizer) from a folder written by `save_quantized`, through `s2d.load_model`."""
-    from s2d.assets import load_model
-
-    return load_model(Path(folder))

@@ -4,7 +4,7 @@ from s2d.regularize.base import Regularizer
 from s2d.regularize.baselines import KURE, SpectralNorm, WeightDecay, kurtosis
 from s2d.regularize.config import KUREConfig, S2DConfig, SpectralNormConfig, WeightDecayConfig
 from s2d.regularize.s2d import SelectiveSpectralDecay
-from s2d.regularize.spectral import pcdr, top_singular
+from s2d.spectral import pcdr, top_singular
 
 __all__ = [
     "KURE", "KUREConfig", "Regularizer", "S2DConfig", "SelectiveSpectralDecay", "SpectralNorm", "SpectralNormConfig",

@@ -17,7 +17,7 @@ from s2d.arch import fold_norm_gains
 from s2d.errors import S2DError
 from s2d.regularize.base import Filter, Regularizer
 from s2d.regularize.config import S2DConfig
-from s2d.regularize.spectral import pcdr, top_singular
+from s2d.spectral import pcdr, top_singular
 
 
 class SelectiveSpectralDecay(Regularizer):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import sys
 
 import matplotlib
 
@@ -80,6 +79,32 @@ def write_quant_report(run, model_spec: str, config, rows: dict) -> dict:
         doc.figure(path, f"{key}: SQNR of each quantized Linear's output against full precision (local: same input; "
                          "accumulated: the full-precision model's output at that Linear).")
     doc.heading("How this was made")
-    doc.code("s2d " + " ".join(sys.argv[1:]))
+    doc.code(run.command_line(f"quantize {model_spec}"))
     return {"markdown": run.write_text("report.md", doc.markdown(run.path)),
             "html": run.write_text("report.html", doc.html()), **figures}
+
+
+def plot_sqnr(sqnr: dict[str, dict], path, title: str = "") -> None:
+    """Local and accumulated SQNR per quantized Linear, in model order, one colour per role."""
+    names = list(sqnr)
+    roles = sorted({v["role"] for v in sqnr.values()})
+    colours = {r: plt.cm.tab10(i % 10) for i, r in enumerate(roles)}
+    fig, axes = plt.subplots(2, 1, figsize=(max(6, len(names) * 0.05 + 4), 6), sharex=True)
+    for ax, key, label in ((axes[0], "local_db", "local SQNR (dB)"), (axes[1], "accumulated_db", "accumulated (dB)")):
+        for role in roles:
+            xs = [i for i, n in enumerate(names) if sqnr[n]["role"] == role]
+            ys = [_finite(sqnr[names[i]][key]) for i in xs]
+            ax.scatter(xs, ys, s=10, color=colours[role], label=role)
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend(ncol=len(roles), fontsize=7, loc="lower left")
+    axes[1].set_xlabel("quantized Linear, in model order")
+    if title:
+        axes[0].set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _finite(v: float) -> float:
+    return 200.0 if math.isinf(v) else min(v, 200.0)  # a noiseless layer's ceiling would squash the axis

@@ -2,6 +2,5 @@
 
 from s2d.train.config import TrainConfig
 from s2d.train.loop import TrainResult, train
-from s2d.train.tasks import make_task
 
-__all__ = ["TrainConfig", "TrainResult", "make_task", "train"]
+__all__ = ["TrainConfig", "TrainResult", "train"]

@@ -13,7 +13,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 
 from s2d.errors import S2DError
-from s2d.io import atomic_dir
+from s2d.io import atomic_dir, nbytes
 
 STATE_FILE = "trainer_state.pt"
 RECORD_FILE = "record.json"
@@ -30,7 +30,8 @@ def save_checkpoint(folder: Path, model, optimizer, scheduler, reg, step: int, m
     """Write checkpoint `folder` in one rename: model, optimizer, schedule, regularizer and RNG state, and
     `record` (lists of JSON-able dicts under RECORD_KEYS), so a resumed run's record is the whole run's."""
     record = {key: list((record or {}).get(key, [])) for key in RECORD_KEYS}
-    with atomic_dir(folder) as tmp:
+    # Adam keeps two moments per weight: about three times the model.
+    with atomic_dir(folder, needed=3 * nbytes(model.state_dict().values())) as tmp:
         save_model(model, str(tmp / "model.safetensors"))  # handles tied weights, unlike save_file
         torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "reg": reg.state_dict() if reg is not None else None, "rng": torch.get_rng_state()},

@@ -1,4 +1,4 @@
-"""Top-k singular triplets and PCDR: the two measurements S2D refreshes every m steps."""
+"""Top-k singular triplets and PCDR: what S2D refreshes every m steps and what diagnose reports (below both)."""
 
 from __future__ import annotations
 

@@ -11,7 +11,8 @@ from s2d.config import Config
 from s2d.errors import S2DError
 from s2d.quant.api import check_quantizable, convert, prepare
 from s2d.quant.config import QuantConfig
-from s2d.quant.sqnr import layer_sqnr, plot_sqnr
+from s2d.quant.sqnr import layer_sqnr
+from s2d.report.quant import plot_sqnr
 
 # A method is an optional outlier baseline followed by a weight method.
 METHODS = ("rtn", "gptq", "smooth+rtn", "smooth+gptq", "rotate+rtn", "rotate+gptq")
@@ -114,7 +115,8 @@ def _finished_rows(folder: Path, model_spec: str, eval_config: dict) -> dict:
 
 
 def run_quantize(model_spec: str, config: QuantRunConfig, out: str | Path, save_model: bool = True,
-                 progress: bool = True, trust_remote_code: bool = False, mode: str = "new") -> dict:
+                 progress: bool = True, trust_remote_code: bool = False, mode: str = "new",
+                 argv: list[str] | None = None) -> dict:
     """One scheme and method: quantize, measure SQNR, evaluate, save. Several: the sweep table and figure.
 
     An interrupted run resumes cell by cell with mode="resume".
@@ -127,13 +129,14 @@ def run_quantize(model_spec: str, config: QuantRunConfig, out: str | Path, save_
                              limit=config.limit, seed=config.seed)
     eval_config.validate()
     with RunFolder(out, "quantize", {"model": str(model_spec), **config.to_dict()}, seed=config.seed, mode=mode,
-                   resumable=True) as run:
+                   resumable=True, argv=argv) as run:
         return _quantize_into(run, model_spec, config, eval_config, save_model, progress, trust_remote_code)
 
 
 def _quantize_into(run, model_spec: str, config: QuantRunConfig, eval_config, save_model: bool, progress: bool,
                    trust_remote_code: bool) -> dict:
-    from s2d.assets import calibration_batch, load_model, wiki_text
+    from s2d.assets import calibration_batch, wiki_text
+    from s2d.commands.load import load_model
     from s2d.eval.suite import evaluate
     from s2d.runs import check_metrics
 

@@ -6,20 +6,21 @@ from pathlib import Path
 
 import torch
 
-from s2d.io import atomic_dir
+from s2d.commands.load import load_model
+from s2d.commands.tasks import make_task
+from s2d.io import atomic_dir, nbytes
 from s2d.report.curves import plot_curve
 from s2d.report.markdown import md_table
 from s2d.runs import RunFolder
 from s2d.train.config import TrainConfig
 from s2d.train.distributed import DistributedContext
 from s2d.train.loop import TrainResult, train
-from s2d.train.tasks import make_task
 
 HEADS = {"cls": ("sequence-classification", 2), "image": ("image-classification", 10)}
 
 
 def finetune(model_spec: str, config: TrainConfig, out: str | Path, progress: bool = True,
-             trust_remote_code: bool = False, mode: str = "new") -> TrainResult:
+             trust_remote_code: bool = False, mode: str = "new", argv: list[str] | None = None) -> TrainResult:
     """Fine-tune `model_spec` under `config`; with mode="resume", continue from `out/checkpoints`."""
     ctx = DistributedContext.from_env()
     config.validate(ctx.world_size)
@@ -27,15 +28,13 @@ def finetune(model_spec: str, config: TrainConfig, out: str | Path, progress: bo
         ctx.barrier()
         return _finetune_into(None, model_spec, config, out, progress, trust_remote_code)
     with RunFolder(out, "finetune", {"model": model_spec, **config.to_dict()}, config.seed, mode=mode,
-                   resumable=True) as run:
+                   resumable=True, argv=argv) as run:
         ctx.barrier()
         return _finetune_into(run, model_spec, config, out, progress, trust_remote_code)
 
 
 def _finetune_into(run: RunFolder | None, model_spec: str, config: TrainConfig, out: str | Path, progress: bool,
                    trust_remote_code: bool) -> TrainResult:
-    from s2d.assets import load_model
-
     head, labels = HEADS.get(config.task, (None, None))
     torch.manual_seed(config.seed)  # a fresh classifier head is initialized from the seed
     model, tokenizer = load_model(model_spec, head=head, num_labels=labels, trust_remote_code=trust_remote_code)
@@ -85,7 +84,7 @@ def _write(run: RunFolder, model, tokenizer, config: TrainConfig, result: TrainR
         integer = convert_qat(copy.deepcopy(model), config.qat_config())
         save_quantized(integer, run.path / "model-quantized", tokenizer, config.qat_config())
         strip_qat(model)
-    with atomic_dir(run.path / "model") as tmp:
+    with atomic_dir(run.path / "model", needed=nbytes(model.state_dict().values())) as tmp:
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)

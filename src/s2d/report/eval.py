@@ -1,0 +1,21 @@
+"""report.md of an `s2d eval` run."""
+
+from __future__ import annotations
+
+from s2d.report.markdown import fmt, md_table
+
+
+def report_markdown(model_name: str, config, results: dict, command: str) -> str:
+    """report.md of an eval run: one table for perplexity, one for the tasks, and the command."""
+    ppl = [(k, v["convention"], v["seq_len"], v["n_windows"], v["n_tokens"], v["ppl"], v["nll_mean"])
+           for k, v in results.items() if "ppl" in v]
+    mc = [(k, v["version"], v["n"], v["acc"], v["acc_norm"], v["chance"]) for k, v in results.items() if "acc" in v]
+    parts = [f"# Evaluation of {model_name}\n", f"Command: `{command}`\n"]
+    if ppl:
+        parts += ["## Perplexity\n", md_table(["task", "convention", "seq_len", "windows", "tokens scored", "ppl",
+                                               "mean NLL (nats)"], ppl)]
+    if mc:
+        parts += ["## Zero-shot multiple choice\n",
+                  md_table(["task", "version", "examples", "acc", "acc_norm", "chance"], mc)]
+    parts.append(f"Seed {config.seed}; limit {fmt(config.limit)}.\n")
+    return "\n".join(parts)
