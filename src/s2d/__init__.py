@@ -8,8 +8,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 from s2d.errors import S2DError  # noqa: E402
-
-__version__ = "0.1.0"
+from s2d.version import __version__  # noqa: E402
 
 
 def load_model(spec, **kwargs):

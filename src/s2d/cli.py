@@ -7,7 +7,7 @@ import json
 import logging
 import sys
 
-from s2d import __version__
+from s2d.version import __version__
 from s2d.errors import S2DError
 
 

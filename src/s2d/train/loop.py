@@ -34,7 +34,7 @@ class TrainResult:
 
 def make_regularizer(name: str, model, options: dict, optimizer):
     """The regularizer `name` (none, s2d, wd, specnorm, kure) over `model`, configured from `options`."""
-    from s2d import regularize as R
+    import s2d.regularize as R
 
     if name == "none":
         return None

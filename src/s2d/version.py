@@ -1,0 +1,3 @@
+"""The version of s2d, recorded in every run folder."""
+
+__version__ = "0.1.0"
