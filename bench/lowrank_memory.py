@@ -58,12 +58,15 @@ def write_random_llama(folder: Path, seed: int = 0) -> int:
 
 
 def child(folder: Path, out: Path, args) -> dict:
+    from s2d.assets.hf import model_class, pretrained_config
     from s2d.lowrank import LowRankConfig, compress_folder
 
     calib = torch.randint(0, TINYLLAMA["vocab_size"], (args.n_samples, args.seq_len),
                           generator=torch.Generator().manual_seed(1))
     wall, cpu = time.perf_counter(), time.process_time()
-    report = compress_folder(folder, LowRankConfig(method="rom", keep=args.keep), out, calib=calib)
+    hf_config = pretrained_config(folder, trust_remote_code=False)
+    report = compress_folder(folder, LowRankConfig(method="rom", keep=args.keep), out, calib=calib,
+                             hf_config=hf_config, model_class=model_class(hf_config))
     return {"wall_s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "summary": {k: v for k, v in report.summary.items() if k != "kept_dense"}}

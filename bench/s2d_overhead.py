@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 from s2d.assets import load_model
+from s2d.commands.tasks import LMTask
 from s2d.regularize import S2DConfig, SelectiveSpectralDecay
-from s2d.train.tasks import LMTask
 
 
 def one_step(model, optimizer, batch, reg) -> None:

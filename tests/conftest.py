@@ -5,6 +5,22 @@ import pytest
 import s2d  # noqa: F401  (sets the offline defaults before transformers is imported)
 
 
+def _transformers_logs_to_the_process_stderr():
+    """transformers binds its log handler to whatever sys.stderr is when it first logs; inside a capsys test that
+    stream is closed afterwards, and every later warning prints a logging traceback. Bind it to fd 2 instead."""
+    import sys
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.get_logger("transformers")  # creates the library's handler
+    handler = getattr(hf_logging, "_default_handler", None)
+    if handler is not None:
+        handler.setStream(sys.__stderr__)
+
+
+_transformers_logs_to_the_process_stderr()
+
+
 @pytest.fixture(scope="session")
 def smollm2():
     """The real packaged SmolLM2 (built into the s2d cache on first use), loaded once per session."""

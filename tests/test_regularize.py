@@ -201,7 +201,7 @@ def test_bad_config(config, match):
 
 def test_command_line_options_reach_the_regularizer_as_numbers():
     # --reg-option lam=5e-4 arrives as the string "5e-4" from YAML; the config must hold the number.
-    from s2d.train.loop import make_regularizer
+    from s2d.regularize import make_regularizer
 
     model = tiny_model("llama")[0]
     reg = make_regularizer("s2d", model, {"lam": "5e-4", "form": "coupled"}, optimizer=None)

@@ -18,6 +18,7 @@ from reliability import (
     add_tensor,
     argv,
     drop_tensor,
+    edit_json,
     poison,
     refused,
     s2d_process,
@@ -340,3 +341,39 @@ def test_an_internal_error_is_one_line_and_exit_1(monkeypatch, capsys):
     assert main(["info", "tiny:llama"]) == 1
     err = capsys.readouterr().err
     assert "Traceback" not in err and err.startswith("s2d: internal error: KeyError") and "-v" in err
+
+
+def test_an_overflowed_quantize_cell_is_neither_recorded_nor_saved(tmp_path, capsys, monkeypatch):
+    nan = {"model.layers.0.self_attn.q_proj": {"role": "q", "block": 0, "local_db": float("nan"),
+                                               "accumulated_db": float("nan")}}
+    monkeypatch.setattr("s2d.commands.quantize.layer_sqnr", lambda *a, **k: nan)
+    out = tmp_path / "run"
+    line = refused(argv("quantize", "tiny:llama", out), capsys)
+    assert "sqnr.model.layers.0.self_attn.q_proj.local_db is nan" in line
+    assert not (out / "model").exists() and not (out / "metrics.json").exists()
+
+
+def test_custom_code_that_built_in_classes_make_unnecessary_is_skipped_and_said(tiny_folder, tmp_path, caplog):
+    marker = tmp_path / "ran"
+    folder = add_custom_code(_copy(tiny_folder, tmp_path), marker, config_needs_it=False)
+    edit_json(folder / "tokenizer_config.json", tokenizer_class="PreTrainedTokenizerFast")  # built in, auto_map kept
+    with caplog.at_level("WARNING", logger="s2d.assets.hf"):
+        assert main(["info", str(folder)]) == 0
+    assert "ships custom code for its tokenizer" in caplog.text and "--trust-remote-code" in caplog.text
+    assert not marker.exists()
+
+
+def test_a_classifier_head_on_the_wrong_kind_of_backbone_is_refused_first(tiny_folder, tmp_path, capsys):
+    line = refused(["finetune", str(tiny_folder), "--task", "cls", "--out", str(tmp_path / "run")], capsys)
+    assert "sequence-classification head needs an encoder" in line and "--task lm" in line
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_plain_loader_refuses_a_folder_s2d_wrote_and_names_the_right_one(tmp_path):
+    from s2d.assets import load_model as plain_load
+
+    assert main(argv("compress", "tiny:llama", tmp_path / "run", "--method", "svd")) == 0
+    with pytest.raises(S2DError, match=r"written by `s2d compress`; load it with s2d\.load_model"):
+        plain_load(tmp_path / "run" / "model")
+    model, _ = load_model(tmp_path / "run" / "model")  # the public loader restores it
+    assert any(type(m).__name__ == "FactorizedLinear" for m in model.modules())

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_train import Interrupt, _interrupt_at
 
 from s2d.assets import load_model
 from s2d.cli import main
@@ -29,21 +30,11 @@ def _fresh(config: TrainConfig, spec: str = "tiny:llama"):
     return model, make_task(config, model, tok)
 
 
-class Interrupt(Exception):
-    pass
-
-
 def _run(folder: Path, config: TrainConfig, kill_at: int | None = None):
     """One process's life: train from whatever `folder` holds; with `kill_at`, die as that step begins."""
     model, task = _fresh(config)
     if kill_at is not None:
-        original = task.batch
-
-        def batch(step, *args, **kwargs):
-            if step == kill_at:
-                raise Interrupt
-            return original(step, *args, **kwargs)
-        task.batch = batch
+        _interrupt_at(task, kill_at)
         with pytest.raises(Interrupt):
             train(model, task, config, folder, model_name="tiny:llama", progress=False)
         return None

@@ -17,6 +17,8 @@ class Config:
     """Base for every transform's config: subclasses are plain dataclasses with a VERSION."""
 
     VERSION: ClassVar[int] = 1
+    HELP: ClassVar[dict[str, str]] = {}  # field -> the help of its command-line flag (s2d.cli builds flags from it)
+    CHOICES: ClassVar[dict[str, tuple]] = {}  # field -> the values it accepts, where they are a closed list
 
     def to_dict(self) -> dict[str, Any]:
         out = {"kind": type(self).__name__, "version": self.VERSION}

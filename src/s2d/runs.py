@@ -13,9 +13,9 @@ from typing import Any
 
 import yaml
 
-from s2d.version import __version__
 from s2d.errors import S2DError
 from s2d.io import atomic_write_bytes, atomic_write_json, atomic_write_text, ensure_writable_dir, non_finite
+from s2d.version import __version__
 
 log = logging.getLogger(__name__)
 

@@ -14,8 +14,37 @@ from s2d.quant.config import QuantConfig
 from s2d.quant.sqnr import layer_sqnr
 from s2d.report.quant import plot_sqnr
 
-# A method is an optional outlier baseline followed by a weight method.
-METHODS = ("rtn", "gptq", "smooth+rtn", "smooth+gptq", "rotate+rtn", "rotate+gptq")
+BASELINES = ("smooth", "rotate")  # outlier baselines applied before the weights are rounded
+WEIGHT_METHODS = ("rtn", "gptq")
+# What `s2d quantize --sweep` runs unless told otherwise.
+SWEEP_SCHEMES = ("W8A8", "W6A6", "W4A8", "W4A4")
+SWEEP_METHODS = ("rtn", "gptq", "smooth+gptq", "rotate+gptq")
+
+
+@dataclass(frozen=True)
+class QuantMethod:
+    """A PTQ method: how weights are rounded, after an optional outlier baseline. Tables and sweeps name it by
+    its label ("rotate+gptq"); this is the one place that label is read and written."""
+
+    weights: str = "rtn"
+    baseline: str | None = None
+
+    def __post_init__(self):
+        if self.weights not in WEIGHT_METHODS or self.baseline not in (None, *BASELINES):
+            known = [*WEIGHT_METHODS, *(f"{b}+{w}" for b in BASELINES for w in WEIGHT_METHODS)]
+            raise S2DError(f"unknown method {self.label!r}; use one of {', '.join(known)}")
+
+    @classmethod
+    def parse(cls, label: str) -> QuantMethod:
+        *baseline, weights = label.split("+")
+        if len(baseline) > 1:
+            raise S2DError(f"method {label!r} has {len(baseline)} baselines; SmoothQuant and rotation exclude each "
+                           "other (use smooth+METHOD or rotate+METHOD)")
+        return cls(weights, baseline[0] if baseline else None)
+
+    @property
+    def label(self) -> str:
+        return f"{self.baseline}+{self.weights}" if self.baseline else self.weights
 
 
 @dataclass
@@ -23,6 +52,13 @@ class QuantRunConfig(Config):
     """Everything `s2d quantize` needs besides the model; saved in config.yaml."""
 
     VERSION = 1
+    HELP = {"schemes": "schemes, e.g. W4A4 (W8A8, W6A6, W4A8, W4A16, W3A4, or any WnAm)",
+            "methods": "methods: rtn, gptq, or smooth+/rotate+ either",
+            "smooth_alpha": "SmoothQuant's migration strength",
+            "n_samples": "calibration sequences (wiki train)", "seq_len": "calibration sequence length",
+            "tasks": "tasks after quantizing: ppl:wiki,analogy-mc,polarity,...",
+            "eval_seq_len": "perplexity window length", "ppl_tokens": "perplexity on the first N tokens of the wiki "
+            "test split", "limit": "at most N examples per task", "seed": "seed of calibration and rotation"}
     schemes: tuple[str, ...] = ("W4A4",)
     methods: tuple[str, ...] = ("rtn",)
     smooth_alpha: float = 0.5
@@ -50,8 +86,7 @@ class QuantRunConfig(Config):
         if not self.schemes or not self.methods:
             raise S2DError("give at least one scheme and one method (e.g. --scheme W4A8 --method rtn)")
         for m in self.methods:
-            if m not in METHODS:
-                raise S2DError(f"unknown method {m!r}; use one of {', '.join(METHODS)}")
+            QuantMethod.parse(m)
         if not 0 <= self.smooth_alpha <= 1:
             raise S2DError(f"--smooth ALPHA must be in [0, 1] (0.5 is SmoothQuant's default), got {self.smooth_alpha}")
         fields = sorted({f.name for f in dataclasses.fields(QuantConfig)} - set(self.RUN_SETS))
@@ -76,11 +111,11 @@ class QuantRunConfig(Config):
                           limit=self.limit, seed=self.seed)
 
     def quant_config(self, scheme: str, method: str) -> QuantConfig:
-        *baseline, weights = method.split("+")
-        extra = {**self.overrides, "method": weights, "seed": self.seed}
-        if "smooth" in baseline:
+        parsed = QuantMethod.parse(method)
+        extra = {**self.overrides, "method": parsed.weights, "seed": self.seed}
+        if parsed.baseline == "smooth":
             extra["smooth_alpha"] = self.smooth_alpha
-        if "rotate" in baseline:
+        if parsed.baseline == "rotate":
             extra["rotate"] = True
         try:
             return QuantConfig.from_scheme(scheme, **extra)

@@ -10,6 +10,11 @@ from s2d.errors import S2DError
 
 @dataclass
 class DiagnoseConfig(Config):
+    HELP = {"data": "calibration data (wiki validation text; fashion-mnist or digits for ViTs)",
+            "image_folder": "a Fashion-MNIST folder instead of the Debian path",
+            "n_samples": "calibration sequences", "seq_len": "tokens per sequence",
+            "batch_size": "sequences per forward pass", "seed": "seed of the calibration windows"}
+    CHOICES = {"data": ("wiki", "fashion-mnist", "digits")}
     data: str = "wiki"  # wiki (validation split) for text models, fashion-mnist or digits for ViTs
     split: str = "validation"
     n_samples: int = 16

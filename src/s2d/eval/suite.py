@@ -22,6 +22,13 @@ class EvalConfig(Config):
     """What `s2d eval` runs. `limit` caps examples per task and windows per perplexity run."""
 
     VERSION = 1
+    HELP = {"tasks": "comma list of ppl:wiki, analogy-mc, polarity, wiki-cloze",
+            "seq_lens": "perplexity window length(s), e.g. 128,1024",
+            "ppl_tokens": "perplexity on the first N tokens of the wiki test split",
+            "convention": "windows: GPTQ/QuaRot non-overlapping windows; rolling: lm-eval's loglikelihood_rolling",
+            "limit": "at most N examples per task and N windows per perplexity",
+            "batch_size": "sequences per forward for the tasks", "seed": "seed of the task builders"}
+    CHOICES = {"convention": CONVENTIONS}
     tasks: tuple[str, ...] = DEFAULT_TASKS
     seq_lens: tuple[int, ...] = (128,)
     ppl_tokens: int = 65536  # the fixed slice: the first ppl_tokens tokens of the wiki test split

@@ -17,6 +17,19 @@ SEARCHES = ("ppl", "task")
 class LowRankConfig(Config):
     """Defaults follow SPEC §4: rom, 80% of the whole model's parameters, 512×128 wiki-train calibration."""
 
+    HELP = {"method": "svd (weight space), asvd (whitened SVD), rom (feature space)",
+            "keep": "fraction of the whole model's parameters kept", "schedule": "tail: uniform b over the last N "
+            "blocks (paper presets); uniform: every block",
+            "search": "surgical rank search (stops at --keep if given): ppl on wiki validation, or accuracy on a "
+            "20%% search split of --search-task",
+            "search_task": "task search: the zero-shot task (its report split is what --eval scores)",
+            "tolerance": "ppl search: accept a rank while ppl ≤ ppl_ref · TOLERANCE^(Linears walked); looser goes "
+            "further below --keep's reach",
+            "acc_tolerance": "task search: accuracy drop allowed per chunk against the dense model",
+            "calib": "calibration text (wiki: the train split)", "n_samples": "calibration sequences",
+            "seq_len": "calibration sequence length", "seed": "seed of the calibration windows"}
+    CHOICES = {"method": METHODS, "schedule": SCHEDULES, "search": SEARCHES}
+
     method: str = "rom"  # svd (weight space), asvd (whitened SVD), rom (feature space)
     keep: float | None = 0.8  # fraction of the whole model's parameters kept; None with `ranks`
     schedule: str = "tail"  # tail: uniform b over the last N blocks (the paper's presets); uniform: every block

@@ -10,11 +10,16 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def save_figure(fig, path: Path) -> Path:
-    """Lay out, write atomically (a temporary PNG renamed into place) and close."""
+def save_figure(fig, path: Path, dpi: float | None = None) -> Path:
+    """Lay out, render to memory, write atomically (so a kill or a full disk never leaves half a PNG), close."""
+    import io
+
+    from s2d.io import atomic_write_bytes
+
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    buffer = io.BytesIO()
+    try:
+        fig.savefig(buffer, format="png", dpi=dpi)
+    finally:
+        plt.close(fig)
+    return atomic_write_bytes(path, buffer.getvalue())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from s2d.report.figures import save_figure
 from s2d.report.markdown import md_table
 
 
@@ -28,9 +29,7 @@ def ranks_figure(report, path: Path) -> Path:
     ax.set_ylim(0, 1.05)
     ax.legend(fontsize=7, ncol=min(7, len(set(roles))), loc="lower left")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 def report_markdown(model_spec: str, report, results: dict, command: str) -> str:
@@ -90,6 +89,4 @@ def structure_figure(rows: list[dict], energies: tuple[float, ...], path: Path, 
     axes[0][0].legend(fontsize=7, ncol=2)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)

@@ -102,8 +102,7 @@ def plot_sqnr(sqnr: dict[str, dict], path, title: str = "") -> None:
     if title:
         axes[0].set_title(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 def _finite(v: float) -> float:

@@ -6,10 +6,20 @@ from dataclasses import dataclass, field
 
 from s2d.config import Config
 from s2d.errors import S2DError
+from s2d.regularize.registry import REGULARIZERS, regularizer_config
 
 
 @dataclass
 class TrainConfig(Config):
+    HELP = {"task": "lm: wiki text; cls: polarity sentences (encoders); image: digits or fashion-mnist (ViTs)",
+            "reg": "the regularizer", "qat": "quantization-aware training, e.g. W4A4",
+            "qat_learn_scales": "with --qat: learn each weight scale with the weights (LSQ)",
+            "steps": "optimizer steps", "lr": "peak learning rate", "weight_decay": "AdamW's decay on ≥2-D weights",
+            "batch_size": "global batch per optimizer step", "grad_accum": "micro-batches per step",
+            "seq_len": "tokens per sequence", "warmup": "linear warmup steps", "seed": "seed of data and init",
+            "eval_every": "evaluate every N steps (0: never)", "checkpoint_every": "checkpoint every N steps",
+            "image_data": "images for --task image", "image_folder": "a Fashion-MNIST folder of IDX files"}
+    CHOICES = {"task": ("lm", "cls", "image"), "reg": tuple(REGULARIZERS), "image_data": ("digits", "fashion-mnist")}
     task: str = "lm"  # "lm" (wiki train text), "cls" (polarity), "image" (digits or fashion-mnist)
     steps: int = 100
     lr: float = 5e-5
@@ -24,7 +34,7 @@ class TrainConfig(Config):
     checkpoint_every: int = 50
     keep_checkpoints: int = 2
     log_every: int = 10
-    reg: str = "none"  # none | s2d | wd | specnorm | kure
+    reg: str = "none"  # a name of s2d.regularize.registry.REGULARIZERS
     reg_config: dict = field(default_factory=dict)
     qat: str | None = None  # e.g. "W4A4": fake-quant forward with a straight-through estimator
     qat_learn_scales: bool = False  # LSQ: each weight scale is trained with the weights
@@ -36,8 +46,7 @@ class TrainConfig(Config):
         """Raise S2DError for a setting the loop cannot run with `world_size` ranks; returns self."""
         if self.task not in ("lm", "cls", "image"):
             raise S2DError(f"task must be lm, cls or image (got {self.task!r})")
-        if self.reg not in ("none", "s2d", "wd", "specnorm", "kure"):
-            raise S2DError(f"reg must be none, s2d, wd, specnorm or kure (got {self.reg!r})")
+        regularizer_config(self.reg, self.reg_config)  # unknown names and bad options fail before any loading
         if self.steps < 1 or self.lr <= 0 or self.batch_size < 1 or self.grad_accum < 1:
             raise S2DError("steps, batch_size and grad_accum must be ≥ 1 and lr > 0")
         if self.log_every < 1 or self.checkpoint_every < 1 or self.keep_checkpoints < 1 or self.eval_every < 0:

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from s2d.arch.finite import scan_outputs
 from s2d.errors import S2DError
+from s2d.regularize.registry import make_regularizer
 from s2d.train.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
 from s2d.train.config import TrainConfig
 from s2d.train.distributed import DistributedContext
@@ -30,19 +31,6 @@ class TrainResult:
     steps: int = 0
     seconds: float = 0.0
     resumed_from: int | None = None
-
-
-def make_regularizer(name: str, model, options: dict, optimizer):
-    """The regularizer `name` (none, s2d, wd, specnorm, kure) over `model`, configured from `options`."""
-    import s2d.regularize as R
-
-    if name == "none":
-        return None
-    if name == "s2d":
-        return R.SelectiveSpectralDecay(model, R.S2DConfig.from_dict(options), optimizer=optimizer)
-    cls, cfg = {"wd": (R.WeightDecay, R.WeightDecayConfig), "specnorm": (R.SpectralNorm, R.SpectralNormConfig),
-                "kure": (R.KURE, R.KUREConfig)}[name]
-    return cls(model, cfg.from_dict(options))
 
 
 def cosine_with_warmup(optimizer, warmup: int, total: int):
