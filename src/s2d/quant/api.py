@@ -158,15 +158,18 @@ def _check_inputs(model: nn.Module, config: QuantConfig, calib: CalibBatch | Non
 
 
 def _check_group_size(model: nn.Module, config: QuantConfig, target: Filter) -> None:
-    """Every quantized Linear's input size must split into whole groups: name the first that does not."""
-    if config.w_bits is None or config.w_granularity != "per_group":
-        return
-    group = config.w_group_size
+    """Every quantized Linear's input size must split into whole groups (of weights, and of each token's
+    activations): name the first that does not."""
     sizes = {name: m.in_features for name, m in model.named_modules() if isinstance(m, nn.Linear) and target(m, name)}
-    misfit = next((name for name, size in sizes.items() if size % group), None)
-    if misfit is not None:
-        common = math.gcd(*sizes.values())
-        fits = max(d for d in range(1, min(group, common) + 1) if common % d == 0)
-        raise S2DError(f"w_group_size={group} does not divide the input size {sizes[misfit]} of {misfit}: a group must "
-                       f"divide every quantized Linear's input size; use w_group_size={fits} (it divides all "
-                       f"{len(sizes)} of them) or w_granularity=per_channel")
+    for side, bits, granularity, group in (("w", config.w_bits, config.w_granularity, config.w_group_size),
+                                           ("a", config.a_bits, config.a_granularity, config.a_group_size)):
+        if bits is None or granularity != "per_group":
+            continue
+        misfit = next((name for name, size in sizes.items() if size % group), None)
+        if misfit is not None:
+            common = math.gcd(*sizes.values())
+            fits = max(d for d in range(1, min(group, common) + 1) if common % d == 0)
+            raise S2DError(f"{side}_group_size={group} does not divide the input size {sizes[misfit]} of {misfit}: a "
+                           f"group must divide every quantized Linear's input size; use {side}_group_size={fits} (it "
+                           f"divides all {len(sizes)} of them) or {side}_granularity=per_"
+                           f"{'channel' if side == 'w' else 'token'}")

@@ -29,11 +29,15 @@ class QuantConfig(Config):
     w_group_size: int | None = None
     w_symmetric: bool = True
     w_observer: str = "minmax"  # minmax | percentile | mse
+    w_clip: float = 1.0  # weight ranges shrunk to w_clip·[lo, hi] (w_observer=mse searches its own instead)
     a_bits: int | None = 8  # None: activations stay in floating point
-    a_granularity: str = "per_token"  # per_token | per_tensor
+    a_granularity: str = "per_token"  # per_token | per_tensor | per_group (groups of a_group_size in each token)
+    a_group_size: int | None = None
     a_symmetric: bool = True
     a_observer: str = "minmax"
     a_static: bool = False  # static scales are calibrated once (per_tensor); dynamic ones come from each input
+    a_clip: float = 1.0  # activation ranges shrunk to a_clip·[lo, hi]: QuaRot's 0.9 for per-token scales
+    grid: str = "restricted"  # symmetric grids: restricted (QuaRot, 2^b - 1 levels) or full (GPTQ, all 2^b)
     percentile: float = 99.9
     method: str = "rtn"  # rtn | gptq
     gptq_block_size: int = 128
@@ -52,8 +56,11 @@ class QuantConfig(Config):
         self.act_spec()
         if self.w_granularity == "per_token":
             raise S2DError("per_token is an activation granularity; weights use per_tensor, per_channel or per_group")
-        if self.a_granularity in ("per_channel", "per_group"):
-            raise S2DError(f"activations use per_token or per_tensor, not {self.a_granularity}")
+        if self.a_granularity == "per_channel":
+            raise S2DError("activations use per_token, per_group (within each token) or per_tensor, not per_channel")
+        if self.a_group_size is not None and self.a_granularity != "per_group":
+            raise S2DError(f"a_group_size={self.a_group_size} applies to per_group activations only: add "
+                           "a_granularity=per_group, or drop a_group_size")
         if self.a_static and self.a_bits is not None and self.a_granularity != "per_tensor":
             raise S2DError("static activation scales are per_tensor (a per-token scale depends on the token); set "
                            "a_granularity='per_tensor' or a_static=False")
@@ -100,13 +107,14 @@ class QuantConfig(Config):
             return None
         check_bits(self.w_bits, "weight bits")
         return QuantSpec(self.w_bits, self.w_symmetric, self.w_granularity, self.w_group_size, self.w_observer,
-                         self.percentile)
+                         self.percentile, self.w_clip, self.grid)
 
     def act_spec(self) -> QuantSpec | None:
         if self.a_bits is None:
             return None
         check_bits(self.a_bits, "activation bits")
-        return QuantSpec(self.a_bits, self.a_symmetric, self.a_granularity, None, self.a_observer, self.percentile)
+        return QuantSpec(self.a_bits, self.a_symmetric, self.a_granularity, self.a_group_size, self.a_observer,
+                         self.percentile, self.a_clip, self.grid)
 
 
 def check_types(config: Config) -> None:

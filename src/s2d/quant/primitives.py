@@ -9,8 +9,13 @@ For a weight (out, in) or an activation (..., in):
     per_group    block = (1, ..., 1, g)  g consecutive input channels share a scale
 
 Scales have the "compact" shape `x.shape[i] // block[i]` per dimension. Integer ranges follow GPTQ/QuaRot:
-symmetric codes lie in [-2^(b-1), 2^(b-1)-1] with scale = absmax / (2^(b-1)-1); asymmetric codes lie in
-[0, 2^b-1] with a zero point, over a range widened to include 0 so that 0 is exact (as torch.ao does).
+symmetric codes lie in [-2^(b-1), 2^(b-1)-1]; asymmetric codes lie in [0, 2^b-1] with a zero point, over a
+range widened to include 0 so that 0 is exact (as torch.ao does). Two symmetric grids:
+- "restricted" (QuaRot's sym_quant): scale = absmax / (2^(b-1)-1), so codes -(2^(b-1)-1)..2^(b-1)-1 are used
+  (15 levels at 4 bits);
+- "full" (GPTQ's reference quantizer): scale = 2·absmax / (2^b-1), so all 2^b codes are used.
+A clip ratio c < 1 shrinks each block's observed range to c·[lo, hi] before the scale is taken (QuaRot's
+activation clipping: 0.9 per token); values beyond it saturate.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from s2d.errors import S2DError
 
 GRANULARITIES = ("per_tensor", "per_channel", "per_token", "per_group")
 OBSERVERS = ("minmax", "percentile", "mse")
+GRIDS = ("restricted", "full")
 MIN_BITS, MAX_BITS = 2, 16
 
 
@@ -44,9 +50,15 @@ class QuantSpec:
     group_size: int | None = None
     observer: str = "minmax"
     percentile: float = 99.9  # for observer="percentile": the share of |x| (or of each tail) kept in range
+    clip: float = 1.0  # the observed range is shrunk to clip·[lo, hi] (minmax and percentile observers)
+    grid: str = "restricted"  # symmetric grids: "restricted" (QuaRot, 2^b - 1 levels) or "full" (GPTQ, 2^b)
 
     def __post_init__(self):
         check_bits(self.bits)
+        if isinstance(self.clip, bool) or not isinstance(self.clip, int | float) or not 0 < self.clip <= 1:
+            raise S2DError(f"a clip ratio must be in (0, 1] (QuaRot clips activations at 0.9), got {self.clip!r}")
+        if self.grid not in GRIDS:
+            raise S2DError(f"unknown symmetric grid {self.grid!r}; use one of {', '.join(GRIDS)}")
         if self.granularity not in GRANULARITIES:
             raise S2DError(f"unknown granularity {self.granularity!r}; use one of {', '.join(GRANULARITIES)}")
         if self.granularity == "per_group" and (not isinstance(self.group_size, int) or self.group_size < 1):
@@ -147,17 +159,17 @@ def _range_mse(xb: torch.Tensor, spec: QuantSpec, grid: int = 100, max_shrink: f
 def observe_range(x: torch.Tensor, spec: QuantSpec, block_size: tuple[int, ...] | None = None):
     """(lo, hi) per block of `x` under the spec's observer; both have the compact block-count shape."""
     xb = to_blocks(x.detach(), spec.block_size(x.shape) if block_size is None else block_size)
-    if spec.observer == "percentile":
-        return _range_percentile(xb, spec.percentile)
     if spec.observer == "mse":
-        return _range_mse(xb, spec)
-    return _range_minmax(xb)
+        return _range_mse(xb, spec)  # the search chooses its own clipping
+    lo, hi = _range_percentile(xb, spec.percentile) if spec.observer == "percentile" else _range_minmax(xb)
+    return (lo, hi) if spec.clip == 1 else (lo * spec.clip, hi * spec.clip)
 
 
 def _qparams_from_range(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec):
     if spec.symmetric:
         amax = torch.maximum(lo.abs(), hi.abs())
-        scale = torch.where(amax > 0, amax / spec.qmax, torch.ones_like(amax))
+        levels = spec.qmax + 0.5 if spec.grid == "full" else spec.qmax  # 2·absmax/(2^b-1) or absmax/(2^(b-1)-1)
+        scale = torch.where(amax > 0, amax / levels, torch.ones_like(amax))
         return scale, None
     lo, hi = lo.clamp(max=0), hi.clamp(min=0)
     span = hi - lo
