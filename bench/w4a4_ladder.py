@@ -1,8 +1,8 @@
 """The W4A4 ladder on SmolLM2: each rung adds one technique to the one before, measured by `s2d quantize`.
 
 RTN → + rotation (R1 + online R4) → + activation clipping 0.9 → + GPTQ → + GPTQ's full symmetric grid →
-+ asymmetric activations → + MSE weight clipping → + per-token activation groups of 64; then W4A8 and W6A6
-with the last rung's recipe. Weights are per channel throughout (the packaged weights sit on a 4-bit g32 grid,
++ asymmetric activations → + MSE weight clipping → + per-token activation groups of 64, and the clip searched
+per Linear instead of fixed; then W4A8 and W6A6 with the MSE-clipping rung's recipe. Weights are per channel throughout (the packaged weights sit on a 4-bit g32 grid,
 so weight groups of 32 would flatter every number). Wiki-test ppl@128 on the first 16,384 tokens (16,256
 scored), calibration 32×512 wiki-train tokens: the issue's setting.
 
@@ -37,6 +37,9 @@ RUNGS = {
                                                       "--option", "a_granularity=per_group",
                                                       "--option", "a_group_size=64"]),
 }
+# The clip ratio searched per Linear (by output error on 4 calibration sequences) instead of a fixed 0.9.
+RUNGS["rotate-clipsearch-gptq-full-asym-wmse"] = ("W4A4", ["--method", "gptq", "--rotate", "--option",
+                                                           "a_clip_search=true", *GRID, *ASYM, *WMSE])
 BEST = RUNGS["rotate-clip-gptq-full-asym-wmse"][1]
 RUNGS.update({"W4A8-best": ("W4A8", BEST), "W6A6-best": ("W6A6", BEST)})
 # The field's rungs (Llama-3.2-1B, WikiText-2, KV16; SPEC §3), theirs, beside ours where one corresponds.

@@ -107,3 +107,45 @@ def test_the_new_options_survive_save_and_reload(tmp_path):
     with torch.no_grad():
         assert torch.equal(again(input_ids=ids).logits, before)
     assert again.s2d_quant_config == config
+
+
+def test_the_clip_search_picks_each_layers_least_error_candidate_and_survives_reload(tmp_path):
+    from s2d import load_model
+    from s2d.quant import save_quantized
+    from s2d.quant.api import CLIP_STEPS, quantized_layers
+    from s2d.quant.primitives import QuantSpec
+
+    model, tok = load_model("tiny:llama")
+    calib = torch.randint(0, 200, (4, 32), generator=torch.Generator().manual_seed(4))
+    config = QuantConfig.from_scheme("W4A4", a_clip_search=True, clip_search_samples=4)
+    quantize(model, config, calib=calib, progress=False)
+    clips = {n: float(m.act_clip) for n, m in quantized_layers(model).items()}
+    steps32 = {float(torch.tensor(c)) for c in CLIP_STEPS}  # the buffer holds float32
+    assert set(clips.values()) <= steps32 and len(clips) == 21
+
+    # the brute-force answer for one layer: its inputs during the search are those of the quantized model
+    q = quantized_layers(model)["model.layers.0.mlp.down_proj"]
+    captured = []
+    handle = q.register_forward_pre_hook(lambda m, a: captured.append(a[0].detach().clone()))
+    with torch.no_grad():
+        model(input_ids=calib)
+    handle.remove()
+    x, w = captured[0], q.weight
+
+    def error(c):
+        xq = fake_quantize(x, QuantSpec(4, True, "per_token", clip=c))
+        return float((xq @ w.T - x @ w.T).double().pow(2).sum())
+    assert clips["model.layers.0.mlp.down_proj"] == float(torch.tensor(min(CLIP_STEPS, key=error)))
+
+    save_quantized(model, tmp_path / "q", tok, config)
+    again, _ = load_model(tmp_path / "q")
+    assert {n: float(m.act_clip) for n, m in quantized_layers(again).items()} == clips
+    with torch.no_grad():
+        assert torch.equal(again(input_ids=calib).logits, model(input_ids=calib).logits)
+
+
+def test_the_clip_search_needs_dynamic_activation_scales():
+    with pytest.raises(S2DError, match="a_clip_search"):
+        QuantConfig.from_scheme("W4A16", a_clip_search=True)
+    with pytest.raises(S2DError, match="a_clip_search"):
+        QuantConfig.from_scheme("W4A4", a_clip_search=True, a_static=True, a_granularity="per_tensor")

@@ -37,6 +37,8 @@ class QuantConfig(Config):
     a_observer: str = "minmax"
     a_static: bool = False  # static scales are calibrated once (per_tensor); dynamic ones come from each input
     a_clip: float = 1.0  # activation ranges shrunk to a_clip·[lo, hi]: QuaRot's 0.9 for per-token scales
+    a_clip_search: bool = False  # per Linear, the clip ratio (≤ a_clip) with the least output error on calibration
+    clip_search_samples: int = 4  # calibration sequences the search runs on (each candidate costs a forward)
     grid: str = "restricted"  # symmetric grids: restricted (QuaRot, 2^b - 1 levels) or full (GPTQ, all 2^b)
     percentile: float = 99.9
     method: str = "rtn"  # rtn | gptq
@@ -64,6 +66,11 @@ class QuantConfig(Config):
         if self.a_static and self.a_bits is not None and self.a_granularity != "per_tensor":
             raise S2DError("static activation scales are per_tensor (a per-token scale depends on the token); set "
                            "a_granularity='per_tensor' or a_static=False")
+        if self.a_clip_search and (self.a_bits is None or self.a_static):
+            raise S2DError("a_clip_search calibrates the clip of dynamic activation scales: it needs a_bits and "
+                           "a_static=False (static scales take their range from calibration already)")
+        if self.clip_search_samples < 1:
+            raise S2DError(f"clip_search_samples must be ≥ 1, got {self.clip_search_samples}")
         if self.method not in METHODS:
             raise S2DError(f"unknown weight method {self.method!r}; use one of {', '.join(METHODS)}")
         if self.method == "gptq" and self.w_bits is None:
@@ -100,7 +107,8 @@ class QuantConfig(Config):
 
     @property
     def needs_calibration(self) -> bool:
-        return self.method == "gptq" or self.smooth_alpha is not None or (self.a_static and self.a_bits is not None)
+        return (self.method == "gptq" or self.smooth_alpha is not None or self.a_clip_search
+                or (self.a_static and self.a_bits is not None))
 
     def weight_spec(self) -> QuantSpec | None:
         if self.w_bits is None:

@@ -99,6 +99,7 @@ def restore(model: nn.Module, folder: str | Path) -> nn.Module:
         prefix = name + "."
         state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
         missing, unexpected = layer.load_state_dict(state, strict=False)
+        missing = [k for k in missing if k != "act_clip"]  # folders from before per-layer clips: the config's
         if missing or unexpected:
             raise S2DError(f"{folder}/{QUANT_FILE} does not match layer {name}: missing {missing}, "
                            f"unexpected {unexpected}")

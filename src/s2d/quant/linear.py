@@ -48,7 +48,10 @@ class QuantLinear(nn.Module):
             self.register_buffer("act_scale", torch.ones(()))
             zero = None if a_spec.symmetric else torch.zeros((), dtype=a_spec.int_dtype)
             self.register_buffer("act_zero_point", zero)
+        elif a_spec is not None:  # dynamic scales: this layer's own clip ratio (a calibrated search may set it)
+            self.register_buffer("act_clip", torch.tensor(float(a_spec.clip)))
         self.register_buffer("weight", torch.zeros(out_features, in_features), persistent=False)
+        self.dynamic_spec = a_spec
 
     @classmethod
     @torch.no_grad()
@@ -86,6 +89,16 @@ class QuantLinear(nn.Module):
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
         self.refresh()
+        if getattr(self, "act_clip", None) is not None:
+            self.set_clip(float(self.act_clip))
+
+    @torch.no_grad()
+    def set_clip(self, clip: float) -> None:
+        """Clip this layer's dynamic activation ranges at `clip` (its spec is kept once, not rebuilt per call)."""
+        import dataclasses
+
+        self.act_clip.fill_(clip)  # the buffer's float32 value is the one used, so a reload reproduces it exactly
+        self.dynamic_spec = dataclasses.replace(self.a_spec, clip=float(self.act_clip))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.rotation is not None:
@@ -98,7 +111,7 @@ class QuantLinear(nn.Module):
                 zero = None if self.act_zero_point is None else self.act_zero_point.reshape(ones)
                 x = fake_quantize(x, self.a_spec, self.act_scale.reshape(ones), zero)
             else:
-                x = fake_quantize(x, self.a_spec)
+                x = fake_quantize(x, self.dynamic_spec)
         return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
     def start_calibration(self) -> None:
