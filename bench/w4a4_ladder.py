@@ -2,9 +2,10 @@
 
 RTN → + rotation (R1 + online R4) → + activation clipping 0.9 → + GPTQ → + GPTQ's full symmetric grid →
 + asymmetric activations → + MSE weight clipping → + per-token activation groups of 64, and the clip searched
-per Linear instead of fixed; then W4A8 and W6A6 with the MSE-clipping rung's recipe. Weights are per channel throughout (the packaged weights sit on a 4-bit g32 grid,
-so weight groups of 32 would flatter every number). Wiki-test ppl@128 on the first 16,384 tokens (16,256
-scored), calibration 32×512 wiki-train tokens: the issue's setting.
+per Linear instead of fixed; then W4A8 and W6A6 with the MSE-clipping rung's recipe. Weights are per channel
+throughout (the packaged weights sit on a 4-bit g32 grid, so weight groups of 32 would flatter every number).
+Wiki-test ppl@128 on the first 16,384 tokens (16,256 scored), calibration 32×512 wiki-train tokens: the
+issue's setting.
 
 Each rung is a run folder under --root (resumed or redone until its metrics.json exists); the table and
 bench/out/w4a4_ladder.json are read back from those folders.
