@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+from s2d.experiments.ladder import cell, finished, table
+
 OUT = Path(__file__).resolve().parent / "out" / "w4a4_ladder.json"
 # rung -> (scheme, quantize flags); each adds one thing to the rung above it
 CLIP, GRID, ASYM, WMSE = ["--option", "a_clip=0.9"], ["--option", "grid=full"], ["--option", "a_symmetric=false"], \
@@ -43,11 +45,6 @@ RUNGS["rotate-clipsearch-gptq-full-asym-wmse"] = ("W4A4", ["--method", "gptq", "
                                                            "a_clip_search=true", *GRID, *ASYM, *WMSE])
 BEST = RUNGS["rotate-clip-gptq-full-asym-wmse"][1]
 RUNGS.update({"W4A8-best": ("W4A8", BEST), "W6A6-best": ("W6A6", BEST)})
-# The field's rungs (Llama-3.2-1B, WikiText-2, KV16; SPEC §3), theirs, beside ours where one corresponds.
-THEIRS = {"rtn": "RTN, clip, asym, no rotation: 26×", "rotate": "random Hadamard R1: 11×",
-          "rotate-clip-gptq-full-asym": "QuaRot-style GPTQ act-order, A4 asym dynamic g32: 1.45×"}
-
-
 def run(cmd: list[str], log: Path) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] $ {' '.join(cmd)}", flush=True)
     exe = str(Path(sys.executable).with_name("s2d"))
@@ -61,36 +58,6 @@ def command(name: str, root: Path) -> list[str]:
             "16384", "--no-model", "--resume", "--out", str(root / name)]
 
 
-def cell(folder: Path) -> dict | None:
-    """(FP, quantized) perplexity and the seconds of one finished rung, from its metrics.json."""
-    path = folder / "metrics.json"
-    if not path.is_file():
-        return None
-    m = json.loads(path.read_text())
-    if not m.get("complete"):
-        return None
-    (key, entry), = [(k, v) for k, v in m["results"].items() if k != "FP"]
-    fp = m["results"]["FP"]["eval"]["ppl:wiki@128"]
-    q = entry["eval"]["ppl:wiki@128"]
-    return {"cell": key, "config": entry["config"], "fp_ppl": fp["ppl"], "ppl": q["ppl"], "n_tokens": q["n_tokens"],
-            "ratio": q["ppl"] / fp["ppl"], "quantize_seconds": entry["seconds"]}
-
-
-def table(root: Path) -> tuple[str, dict]:
-    rows, cells = [], {}
-    for name in RUNGS:
-        c = cell(root / name)
-        if c is None:
-            rows.append(f"| {name} | (not run) | | | |")
-            continue
-        cells[name] = c
-        rows.append(f"| {name} | {c['cell']} | {c['ppl']:.2f} | {c['ratio']:.2f}× | {THEIRS.get(name, '')} |")
-    fp = next(iter(cells.values()))["fp_ppl"] if cells else float("nan")
-    head = [f"SmolLM2 wiki-test ppl@128, FP {fp:.2f}", "", "| rung | cell | ppl | × FP | the field (theirs) |",
-            "|---|---|---|---|---|"]
-    return "\n".join(head + rows), cells
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--root", type=Path, default=Path("runs/w4a4-ladder"))
@@ -100,10 +67,10 @@ def main() -> None:
     if not args.table:
         args.root.mkdir(parents=True, exist_ok=True)
         for name in args.rungs or RUNGS:
-            if cell(args.root / name) is None:
+            if cell(args.root / name) is None:  # not finished: resume it
                 run(command(name, args.root), args.root / f"{name}.log")
-    text, cells = table(args.root)
-    print(text)
+    print(table(args.root, RUNGS))
+    cells = finished(args.root, RUNGS)
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps({"command": "python bench/w4a4_ladder.py", "rungs": cells,
                                "commands": {n: " ".join(command(n, args.root)) for n in RUNGS}}, indent=1))

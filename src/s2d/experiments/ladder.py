@@ -1,0 +1,48 @@
+"""Reading the W4A4 ladder (bench/w4a4_ladder.py runs it): one finished `s2d quantize` run folder per rung."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from s2d.experiments.record import metrics, run_config, shared
+
+# The field's rungs (Llama-3.2-1B, WikiText-2, KV16; SPEC §3) beside ours where one corresponds: theirs.
+THEIRS = {"rtn": "RTN, clip, asymmetric, no rotation: 26×", "rotate": "random Hadamard R1: 11×",
+          "rotate-clip-gptq-full-asym": "QuaRot-style GPTQ act-order, A4 asymmetric dynamic g32: 1.45×"}
+
+
+def cell(folder: Path) -> dict | None:
+    """The rung's FP and quantized perplexity and quantize seconds, or None until its run has finished."""
+    m = metrics(folder)
+    if not m or not m.get("complete"):
+        return None
+    (key, entry), = [(k, v) for k, v in m["results"].items() if k != "FP"]
+    (task, fp), = m["results"]["FP"]["eval"].items()
+    q = entry["eval"][task]
+    return {"cell": key, "task": task, "config": entry["config"], "fp_ppl": fp["ppl"], "ppl": q["ppl"],
+            "n_tokens": q["n_tokens"], "ratio": q["ppl"] / fp["ppl"], "quantize_seconds": entry["seconds"]}
+
+
+def finished(root: Path, names) -> dict[str, dict]:
+    return {n: c for n in names if (c := cell(root / n)) is not None}
+
+
+def table(root: Path, names) -> str:
+    """The ladder as Markdown: each rung's cell, perplexity, ratio to FP and the field's rung beside it."""
+    cells = finished(root, names)
+    if not cells:
+        return "(no rung has finished)"
+    first = next(iter(cells.values()))
+    head = [f"SmolLM2 {first['task']} perplexity, FP {first['fp_ppl']:.2f}, {first['n_tokens']:,} tokens scored; "
+            f"calibration {shared([root / n for n in cells], 'n_samples')}×"
+            f"{shared([root / n for n in cells], 'seq_len')} wiki-train tokens.", "",
+            "| rung | cell | ppl | × FP | quantize s | the field's rung (theirs) |", "|---|---|---|---|---|---|"]
+    rows = [f"| {n} | {c['cell']} | {c['ppl']:.2f} | {c['ratio']:.2f}× | {c['quantize_seconds']:.0f} | "
+            f"{THEIRS.get(n, '')} |" for n, c in cells.items()]
+    missing = [n for n in names if n not in cells]
+    tail = ["", f"Not finished when this was generated: {', '.join(missing)}."] if missing else []
+    return "\n".join(head + rows + tail)
+
+
+def command_of(folder: Path) -> str:
+    return "s2d " + " ".join(run_config(folder)["argv"])
