@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: install
-	$(VENV)/bin/s2d diagnose smollm2-135m --out runs/demo
+	$(VENV)/bin/s2d diagnose smollm2-135m --out runs/demo --overwrite
 
 test: install
 	$(PY) -m pytest -q
