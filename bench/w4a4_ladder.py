@@ -43,6 +43,9 @@ RUNGS = {
 # The clip ratio searched per Linear (by output error on 4 calibration sequences) instead of a fixed 0.9.
 RUNGS["rotate-clipsearch-gptq-full-asym-wmse"] = ("W4A4", ["--method", "gptq", "--rotate", "--option",
                                                            "a_clip_search=true", *GRID, *ASYM, *WMSE])
+# SpinQuant's R2 (each head's values and o_proj input turned by one head_dim Hadamard, folded into the weights).
+RUNGS["rotate-r2-clip-gptq-full-asym-wmse"] = ("W4A4", [*RUNGS["rotate-clip-gptq-full-asym-wmse"][1], "--option",
+                                                        "rotate_heads=true"])
 BEST = RUNGS["rotate-clip-gptq-full-asym-wmse"][1]
 RUNGS.update({"W4A8-best": ("W4A8", BEST), "W6A6-best": ("W6A6", BEST)})
 def run(cmd: list[str], log: Path) -> None:

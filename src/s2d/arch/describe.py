@@ -54,6 +54,15 @@ class ModelDescription:
     def kind(self) -> str:
         return self.family.kind
 
+    @property
+    def head_dim(self) -> int:
+        """Channels per attention head: the config's head_dim where it sets one (Gemma3: 256 at d=640 in some
+        sizes), else hidden_size / num_attention_heads."""
+        config = self.model.config.get_text_config() if hasattr(self.model.config, "get_text_config") else \
+            self.model.config
+        explicit = getattr(config, "head_dim", None)
+        return int(explicit) if explicit else config.hidden_size // config.num_attention_heads
+
     def linears(self, roles: tuple[str, ...] | None = None) -> list[LinearRef]:
         return [lin for b in self.blocks for lin in b.linears if roles is None or lin.role in roles]
 

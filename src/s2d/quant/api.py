@@ -43,7 +43,7 @@ def prepare(model: nn.Module, config: QuantConfig, filter: Filter | None = None,
     """Apply the config's function-preserving baselines (rotation, SmoothQuant) in place."""
     _check_inputs(model, config, calib, filter)
     if config.rotate:
-        rotate_model(model, seed=config.seed)
+        rotate_model(model, seed=config.seed, heads=config.rotate_heads)
     if config.smooth_alpha is not None:
         smooth_model(model, calib, config.smooth_alpha, filter, chunk_size)
     return model

@@ -47,6 +47,7 @@ class QuantConfig(Config):
     gptq_act_order: bool = True
     smooth_alpha: float | None = None  # SmoothQuant migration strength; None = off
     rotate: bool = False  # QuaRot-style Hadamard rotation of the residual stream + online before down/fc2
+    rotate_heads: bool = False  # with rotate: SpinQuant's R2, each head's values and o_proj input (folded)
     seed: int = 0
 
     def __post_init__(self):
@@ -79,6 +80,8 @@ class QuantConfig(Config):
             raise S2DError("gptq_block_size must be positive and gptq_damp in [0, 1)")
         if self.smooth_alpha is not None and not 0 <= self.smooth_alpha <= 1:
             raise S2DError(f"SmoothQuant alpha must be in [0, 1] (0.5 is the paper's default), got {self.smooth_alpha}")
+        if self.rotate_heads and not self.rotate:
+            raise S2DError("rotate_heads (R2) turns the heads inside a rotated model: use it with --rotate")
         if self.smooth_alpha is not None and self.rotate:
             raise S2DError("choose SmoothQuant or rotation, not both: the online rotation before down/fc2 leaves no "
                            "place to fold the smoothing scale of the down input")

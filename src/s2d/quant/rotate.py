@@ -164,8 +164,12 @@ def check_rotatable(model: nn.Module) -> None:
 
 
 @torch.no_grad()
-def rotate_model(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Rotate `model` in place (function-preserving in exact arithmetic); returns it."""
+def rotate_model(model: nn.Module, seed: int = 0, heads: bool = False) -> nn.Module:
+    """Rotate `model` in place (function-preserving in exact arithmetic); returns it.
+
+    With `heads`, also SpinQuant's R2: each attention head's values and the o_proj input of that head turned by
+    the same head_dim rotation (see `rotate_heads`).
+    """
     check_rotatable(model)
     desc = describe(model)
     embed = desc.module(desc.embeddings) if desc.embeddings else None
@@ -198,7 +202,38 @@ def rotate_model(model: nn.Module, seed: int = 0) -> nn.Module:
                 set_module(model, name, _rotated_copy(reader, online))
     if head is not None:
         _turn(head, right=q)
+    if heads:
+        rotate_heads(desc, seed)
     return model
+
+
+@torch.no_grad()
+def rotate_heads(desc, seed: int = 0) -> None:
+    """R2: v -> v M within every head (v_proj's rows, head by head) and o_proj's input columns by M too.
+
+    Attention mixes tokens, never channels, so each head's output is (A v) M and o_proj, turned by the same M on
+    each head's columns, undoes it: exact for any number of query heads per KV head (GQA), since every head
+    uses one M. What it buys is the o_proj input: its outlier channels are spread within each head. The
+    rotation is folded into the two weights; nothing runs online. Only head_dim matters, so 9 query and 3 KV
+    heads of 64 channels (SmolLM2) are as easy as any power of two.
+    """
+    size = desc.head_dim
+    for block in desc.blocks:
+        roles = {lin.role: lin for lin in block.linears}
+        if "v" not in roles or "o" not in roles:
+            raise S2DError(f"head rotation needs separate v and o projections; {desc.family.name} block "
+                           f"{block.index} has roles {', '.join(roles)}")
+        m = random_rotation(size, seed + 7919 + block.index).double()
+        v, o = output_side(roles["v"].module), input_side(roles["o"].module)
+        if v.weight.shape[0] % size or o.weight.shape[1] % size:
+            raise S2DError(f"head_dim {size} does not divide v's outputs {v.weight.shape[0]} or o's inputs "
+                           f"{o.weight.shape[1]} in block {block.index}; this model's head layout is not supported")
+        w = v.weight.double().t()  # (d, heads·hd): each head's columns turned on the right, i.e. Mᵀ W_head
+        v.weight.copy_(m(w.reshape(w.shape[0], -1, size)).reshape(w.shape).t().to(v.weight.dtype))
+        if v.bias is not None:
+            v.bias.copy_(m(v.bias.double().reshape(-1, size)).reshape(-1).to(v.bias.dtype))
+        w = o.weight.double()  # (d, heads·hd): W_o blockdiag(M)
+        o.weight.copy_(m(w.reshape(w.shape[0], -1, size)).reshape(w.shape).to(o.weight.dtype))
 
 
 def _child_name(parent: nn.Module, child: nn.Module) -> str:
