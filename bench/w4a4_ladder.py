@@ -2,7 +2,8 @@
 
 RTN → + rotation (R1 + online R4) → + activation clipping 0.9 → + GPTQ → + GPTQ's full symmetric grid →
 + asymmetric activations → + MSE weight clipping → + per-token activation groups of 64, and the clip searched
-per Linear instead of fixed; then W4A8 and W6A6 with the MSE-clipping rung's recipe. Weights are per channel
+per Linear instead of fixed, and R2 (alone, then with activation groups of 64 and 32); then W4A8 and W6A6
+with the MSE-clipping rung's recipe. Weights are per channel
 throughout (the packaged weights sit on a 4-bit g32 grid, so weight groups of 32 would flatter every number).
 Wiki-test ppl@128 on the first 16,384 tokens (16,256 scored), calibration 32×512 wiki-train tokens: the
 issue's setting.
@@ -46,6 +47,9 @@ RUNGS["rotate-clipsearch-gptq-full-asym-wmse"] = ("W4A4", ["--method", "gptq", "
 # SpinQuant's R2 (each head's values and o_proj input turned by one head_dim Hadamard, folded into the weights).
 RUNGS["rotate-r2-clip-gptq-full-asym-wmse"] = ("W4A4", [*RUNGS["rotate-clip-gptq-full-asym-wmse"][1], "--option",
                                                         "rotate_heads=true"])
+R2_AG = [*RUNGS["rotate-r2-clip-gptq-full-asym-wmse"][1], "--option", "a_granularity=per_group"]
+RUNGS["rotate-r2-clip-gptq-full-asym-wmse-ag64"] = ("W4A4", [*R2_AG, "--option", "a_group_size=64"])
+RUNGS["rotate-r2-clip-gptq-full-asym-wmse-ag32"] = ("W4A4", [*R2_AG, "--option", "a_group_size=32"])
 BEST = RUNGS["rotate-clip-gptq-full-asym-wmse"][1]
 RUNGS.update({"W4A8-best": ("W4A8", BEST), "W6A6-best": ("W6A6", BEST)})
 def run(cmd: list[str], log: Path) -> None:
