@@ -3,8 +3,8 @@
 RTN → + rotation (R1 + online R4) → + activation clipping 0.9 → + GPTQ → + GPTQ's full symmetric grid →
 + asymmetric activations → + MSE weight clipping → + per-token activation groups of 64, and the clip searched
 per Linear instead of fixed, and R2 (alone, then with activation groups of 64 and 32); then W4A8 and W6A6
-with the MSE-clipping rung's recipe. Weights are per channel
-throughout (the packaged weights sit on a 4-bit g32 grid, so weight groups of 32 would flatter every number).
+with the MSE-clipping rung's recipe. Weights are per channel throughout (the packaged weights sit on a 4-bit
+g32 grid, so weight groups of 32 would flatter every number; activation groups do not).
 Wiki-test ppl@128 on the first 16,384 tokens (16,256 scored), calibration 32×512 wiki-train tokens: the
 issue's setting.
 
