@@ -8,7 +8,8 @@ from s2d.experiments.record import metrics, run_config, shared
 
 # The field's rungs (Llama-3.2-1B, WikiText-2, KV16; SPEC §3) beside ours where one corresponds: theirs.
 THEIRS = {"rtn": "RTN, clip, asymmetric, no rotation: 26×", "rotate": "random Hadamard R1: 11×",
-          "rotate-clip-gptq-full-asym": "QuaRot-style GPTQ act-order, A4 asymmetric dynamic g32: 1.45×"}
+          "rotate-r2-clip-gptq-full-asym-wmse": "learned R1/R2 + online R4 (SpinQuant): 1.9×",
+          "rotate-r2-clip-gptq-full-asym-wmse-ag32": "QuaRot-style GPTQ act-order, A4 asymmetric dynamic g32: 1.45×"}
 
 
 def cell(folder: Path) -> dict | None:
