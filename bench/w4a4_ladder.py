@@ -50,6 +50,10 @@ RUNGS["rotate-r2-clip-gptq-full-asym-wmse"] = ("W4A4", [*RUNGS["rotate-clip-gptq
 R2_AG = [*RUNGS["rotate-r2-clip-gptq-full-asym-wmse"][1], "--option", "a_granularity=per_group"]
 RUNGS["rotate-r2-clip-gptq-full-asym-wmse-ag64"] = ("W4A4", [*R2_AG, "--option", "a_group_size=64"])
 RUNGS["rotate-r2-clip-gptq-full-asym-wmse-ag32"] = ("W4A4", [*R2_AG, "--option", "a_group_size=32"])
+# Everything at once: R2, the clip searched per Linear, activation groups of 32.
+RUNGS["all-r2-clipsearch-ag32"] = ("W4A4", ["--method", "gptq", "--rotate", "--option", "rotate_heads=true",
+                                            "--option", "a_clip_search=true", *GRID, *ASYM, *WMSE, "--option",
+                                            "a_granularity=per_group", "--option", "a_group_size=32"])
 BEST = RUNGS["rotate-clip-gptq-full-asym-wmse"][1]
 RUNGS.update({"W4A8-best": ("W4A8", BEST), "W6A6-best": ("W6A6", BEST)})
 def run(cmd: list[str], log: Path) -> None:
