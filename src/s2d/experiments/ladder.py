@@ -34,16 +34,30 @@ def table(root: Path, names) -> str:
     if not cells:
         return "(no rung has finished)"
     first = next(iter(cells.values()))
-    head = [f"SmolLM2 {first['task']} perplexity, FP {first['fp_ppl']:.2f}, {first['n_tokens']:,} tokens scored; "
+    threads = sorted({run_config(root / n)["threads"] for n in cells})
+    head = [f"SmolLM2 wiki-test perplexity ({first['task']}), FP {first['fp_ppl']:.2f}, {first['n_tokens']:,} tokens "
+            "scored; "
             f"calibration {shared([root / n for n in cells], 'n_samples')}×"
-            f"{shared([root / n for n in cells], 'seq_len')} wiki-train tokens.", "",
-            "| rung | cell | ppl | × FP | quantize s | the field's rung (theirs) |", "|---|---|---|---|---|---|"]
-    rows = [f"| {n} | {c['cell']} | {c['ppl']:.2f} | {c['ratio']:.2f}× | {c['quantize_seconds']:.0f} | "
+            f"{shared([root / n for n in cells], 'seq_len')} wiki-train tokens; quantize seconds on "
+            f"{' / '.join(map(str, threads))} torch thread(s).", "",
+            "| rung | scheme and options (the run's command) | ppl | × FP | quantize s | the field's rung (theirs) |",
+            "|---|---|---|---|---|---|"]
+    rows = [f"| {n} | {options(root / n)} | {c['ppl']:.2f} | {c['ratio']:.2f}× | {c['quantize_seconds']:.0f} | "
             f"{THEIRS.get(n, '')} |" for n, c in cells.items()]
     missing = [n for n in names if n not in cells]
     tail = ["", f"Not finished when this was generated: {', '.join(missing)}."] if missing else []
     return "\n".join(head + rows + tail)
 
 
-def command_of(folder: Path) -> str:
-    return "s2d " + " ".join(run_config(folder)["argv"])
+def options(folder: Path) -> str:
+    """What distinguishes a rung, read from its recorded argv: scheme, method, rotation and every --option."""
+    argv = run_config(folder)["argv"]
+    out = []
+    for flag, value in zip(argv, [*argv[1:], None], strict=True):
+        if flag in ("--scheme", "--method"):
+            out.append(value)
+        elif flag == "--option":
+            out.append(f"`{value}`")
+        elif flag == "--rotate":
+            out.append("rotate")
+    return " ".join(out)

@@ -217,8 +217,9 @@ def w4a4_ladder(r: Results) -> None:
     r.text("### The W4A4 ladder: one technique per rung (SmolLM2)", True)
     r.quote("python bench/w4a4_ladder.py", True)
     r.text("Weights per output channel on every rung (weight groups of 32 would re-create the packaged Q4_1 grid "
-           "and flatter W4); activations per token, dynamic. The field's rungs are theirs (Llama-3.2-1B, "
-           "WikiText-2, SPEC §3), quoted beside the closest of ours.", True)
+           "and flatter W4); activations dynamic, per token, or per group of channels within each token where a "
+           "rung sets `a_granularity=per_group`. The field's rungs are theirs (Llama-3.2-1B, WikiText-2, SPEC §3), "
+           "quoted beside the closest of ours.", True)
     r.text(table(root, names), True)
     cells = finished(root, names)
     w4a4 = {n: c for n, c in cells.items() if c["cell"].startswith("W4A4")}
