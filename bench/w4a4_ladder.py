@@ -55,7 +55,9 @@ RUNGS["all-r2-clipsearch-ag32"] = ("W4A4", ["--method", "gptq", "--rotate", "--o
                                             "--option", "a_clip_search=true", *GRID, *ASYM, *WMSE, "--option",
                                             "a_granularity=per_group", "--option", "a_group_size=32"])
 BEST = RUNGS["rotate-clip-gptq-full-asym-wmse"][1]
-RUNGS.update({"W4A8-best": ("W4A8", BEST), "W6A6-best": ("W6A6", BEST)})
+RUNGS.update({"W4A8-best": ("W4A8", BEST), "W6A6-best": ("W6A6", BEST),
+              "W4A8-all": ("W4A8", RUNGS["all-r2-clipsearch-ag32"][1]),
+              "W6A6-all": ("W6A6", RUNGS["all-r2-clipsearch-ag32"][1])})
 def run(cmd: list[str], log: Path) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] $ {' '.join(cmd)}", flush=True)
     exe = str(Path(sys.executable).with_name("s2d"))
