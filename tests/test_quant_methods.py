@@ -161,6 +161,9 @@ def test_rotation_and_smoothquant_preserve_smollm2(smollm2):
         rotated = rotate_model(copy.deepcopy(model), seed=0)
         assert _rel(rotated(x).logits, ref) < 1e-4
         del rotated
+        rotated = rotate_model(copy.deepcopy(model), seed=0, heads=True)  # R2 too (9 query, 3 KV heads)
+        assert _rel(rotated(x).logits, ref) < 1e-4
+        del rotated
         smoothed = copy.deepcopy(model)
         smooth_model(smoothed, x, alpha=0.5)
         assert _rel(smoothed(x).logits, ref) < 1e-4

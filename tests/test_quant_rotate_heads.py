@@ -71,13 +71,3 @@ def test_a_head_rotated_quantized_model_reloads_identically(tmp_path):
     again, _ = load_model(tmp_path / "q")
     with torch.no_grad():
         assert torch.equal(again(input_ids=x).logits, before)
-
-
-@pytest.mark.real
-def test_head_rotation_preserves_smollm2(smollm2):
-    model, tok = smollm2
-    x = tok("The history of the city begins with a small market on the river.", return_tensors="pt")["input_ids"]
-    with torch.no_grad():
-        ref = model(x).logits
-        rotated = rotate_model(copy.deepcopy(model), seed=0, heads=True)
-        assert _rel(rotated(x).logits, ref) < 1e-4

@@ -7,7 +7,6 @@ import json
 import logging
 import sys
 
-from s2d.commands.quantize import SWEEP_METHODS, SWEEP_SCHEMES, WEIGHT_METHODS
 from s2d.errors import S2DError
 from s2d.flags import add_flags, comma_list, config_from, default_of, key_values
 from s2d.version import __version__
@@ -188,7 +187,7 @@ MODEL_HELP = "smollm2-135m, minilm-l6, tiny:<family>, or a local HF model folder
 def build_parser() -> argparse.ArgumentParser:
     """The `s2d` parser; each command's flags come from its config dataclass (s2d.flags)."""
     from s2d.commands.compress import run_compress
-    from s2d.commands.quantize import QuantRunConfig
+    from s2d.commands.quantize import SWEEP_METHODS, SWEEP_SCHEMES, WEIGHT_METHODS, QuantRunConfig
     from s2d.diagnose import DiagnoseConfig
     from s2d.eval.suite import EvalConfig
     from s2d.lowrank import LowRankConfig

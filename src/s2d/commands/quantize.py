@@ -156,13 +156,9 @@ def run_quantize(model_spec: str, config: QuantRunConfig, out: str | Path, save_
 
     An interrupted run resumes cell by cell with mode="resume".
     """
-    from s2d.eval.suite import EvalConfig
     from s2d.runs import RunFolder
 
-    config.validate()
-    eval_config = EvalConfig(tasks=config.tasks, seq_lens=(config.eval_seq_len,), ppl_tokens=config.ppl_tokens,
-                             limit=config.limit, seed=config.seed)
-    eval_config.validate()
+    eval_config = config.validate().eval_config()  # validate() has checked it too
     with RunFolder(out, "quantize", {"model": str(model_spec), **config.to_dict()}, seed=config.seed, mode=mode,
                    resumable=True, argv=argv) as run:
         return _quantize_into(run, model_spec, config, eval_config, save_model, progress, trust_remote_code)

@@ -55,15 +55,6 @@ class EvalConfig(Config):
         return self
 
 
-def parse_list(text: str, kind: type = str) -> tuple:
-    """'a,b,c' -> ('a', 'b', 'c'); with kind=int, integers (a helpful S2DError otherwise)."""
-    items = [t.strip() for t in text.split(",") if t.strip()]
-    try:
-        return tuple(kind(t) for t in items)
-    except ValueError as err:
-        raise S2DError(f"expected a comma-separated list of {kind.__name__}s, got {text!r}") from err
-
-
 def evaluate(model: nn.Module, tokenizer, config: EvalConfig, progress: bool = True) -> dict:
     """Run every task of `config` on an in-memory causal LM; returns metrics keyed by task (ppl per seq_len)."""
     from s2d.assets import wiki_tokens

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from s2d.arch.finite import scan_outputs
+from s2d.arch.finite import first_nonfinite_tensor, scan_outputs
 from s2d.errors import S2DError
 from s2d.regularize.registry import make_regularizer
 from s2d.train.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
@@ -143,9 +143,8 @@ def _diverged(what: str, step: int, model, batches: Iterable[dict], penalty, las
 def _first_nonfinite(model, batches: Iterable[dict], penalty) -> str:
     """Where a divergence starts: a non-finite parameter, else the penalty, else the first module whose output
     is NaN or Inf on a replay of the step's batches, else the activation and gradient that blew up the norm."""
-    for name, p in model.named_parameters():
-        if not torch.isfinite(p).all():
-            return f"parameter {name} holds NaN or Inf"
+    if (name := first_nonfinite_tensor(model)) is not None:
+        return f"parameter {name} holds NaN or Inf"
     if penalty is not None and not torch.isfinite(penalty).all():
         return f"the regularizer's penalty is {float(penalty)}"
     largest = (0.0, "")
