@@ -15,7 +15,7 @@ from s2d.quant.primitives import GRANULARITIES, OBSERVERS, QuantSpec, check_bits
 # The field's names. "A16" means activations left in floating point, as papers write W4A16.
 SCHEMES = ("W8A8", "W6A6", "W4A8", "W4A4", "W4A16", "W3A4")
 METHODS = ("rtn", "gptq")
-_SCHEME_RE = re.compile(r"^W(\d+)A(\d+)$", re.IGNORECASE)
+_SCHEME_RE = re.compile(r"^W(\d+)A(\d+)(?:KV(\d+))?$", re.IGNORECASE)
 
 
 @dataclasses.dataclass
@@ -48,6 +48,14 @@ class QuantConfig(Config):
     smooth_alpha: float | None = None  # SmoothQuant migration strength; None = off
     rotate: bool = False  # QuaRot-style Hadamard rotation of the residual stream + online before down/fc2
     rotate_heads: bool = False  # with rotate: SpinQuant's R2, each head's values and o_proj input (folded)
+    rotate_qk: bool = False  # QuaRot's R3: one head_dim Hadamard applied online to q and k after RoPE
+    kv_bits: int | None = None  # K and V as the attention sees them (after RoPE), per head and token; None = FP
+    kv_symmetric: bool = False  # QuaRot quantizes the KV cache asymmetrically
+    kv_clip: float = 1.0  # QuaRot's paper clips the KV cache at 0.95
+    learn_rotation_steps: int = 0  # with rotate: SpinQuant's Cayley SGD steps on R1 (and R2); 0 = fixed Hadamard
+    learn_rotation_lr: float = 1.5  # SpinQuant's learning rate on the Stiefel manifold
+    learn_rotation_batch: int = 1  # calibration sequences per step
+    layer_schemes: dict = dataclasses.field(default_factory=dict)  # pattern -> "WnAm": per-role/per-layer bits
     seed: int = 0
 
     def __post_init__(self):
@@ -82,6 +90,20 @@ class QuantConfig(Config):
             raise S2DError(f"SmoothQuant alpha must be in [0, 1] (0.5 is the paper's default), got {self.smooth_alpha}")
         if self.rotate_heads and not self.rotate:
             raise S2DError("rotate_heads (R2) turns the heads inside a rotated model: use it with --rotate")
+        if self.kv_bits is not None:
+            check_bits(self.kv_bits, "KV-cache bits")
+        if isinstance(self.kv_clip, bool) or not 0 < self.kv_clip <= 1:
+            raise S2DError(f"kv_clip must be in (0, 1] (QuaRot clips the KV cache at 0.95), got {self.kv_clip!r}")
+        if self.learn_rotation_steps < 0 or self.learn_rotation_batch < 1 or not self.learn_rotation_lr > 0:
+            raise S2DError("learn_rotation_steps must be ≥ 0, learn_rotation_batch ≥ 1 and learn_rotation_lr > 0")
+        if self.learn_rotation_steps and not self.rotate:
+            raise S2DError("learned rotations (learn_rotation_steps) optimise the rotation of a rotated model: use "
+                           "them with --rotate")
+        for pattern, scheme in self.layer_schemes.items():
+            if not isinstance(pattern, str) or not isinstance(scheme, str):
+                raise S2DError(f"layer_schemes maps a role or a Linear-name pattern to a scheme such as W4A8, got "
+                               f"{pattern!r}: {scheme!r}")
+            parse_scheme(scheme)
         if self.smooth_alpha is not None and self.rotate:
             raise S2DError("choose SmoothQuant or rotation, not both: the online rotation before down/fc2 leaves no "
                            "place to fold the smoothing scale of the down input")
@@ -90,16 +112,22 @@ class QuantConfig(Config):
     def from_scheme(cls, scheme: str, **overrides: Any) -> QuantConfig:
         """A config for a scheme name such as "W4A4" (any WnAm with n, m in 2..16; 16 means floating point)."""
         w_bits, a_bits = parse_scheme(scheme)
-        for key in ("w_bits", "a_bits"):
+        bits = {"w_bits": w_bits, "a_bits": a_bits}
+        kv = parse_kv_bits(scheme)
+        if kv is not None:
+            bits["kv_bits"] = kv
+        for key in bits:
             if key in overrides:
-                raise S2DError(f"{key} comes from the scheme ({scheme} means w_bits={w_bits}, a_bits={a_bits}); "
-                               f"choose another scheme instead of overriding {key}")
+                raise S2DError(f"{key} comes from the scheme ({scheme} means "
+                               f"{', '.join(f'{k}={v}' for k, v in bits.items())}); choose another scheme instead "
+                               f"of overriding {key}")
         # from_dict: an unknown field is an S2DError listing the known ones, not a TypeError from __init__.
-        return cls.from_dict({**overrides, "w_bits": w_bits, "a_bits": a_bits})
+        return cls.from_dict({**overrides, **bits})
 
     @property
     def scheme(self) -> str:
-        return f"W{self.w_bits or 16}A{self.a_bits or 16}"
+        kv = "" if self.kv_bits is None else f"KV{self.kv_bits}"
+        return f"W{self.w_bits or 16}A{self.a_bits or 16}{kv}"
 
     @property
     def label(self) -> str:
@@ -111,7 +139,7 @@ class QuantConfig(Config):
     @property
     def needs_calibration(self) -> bool:
         return (self.method == "gptq" or self.smooth_alpha is not None or self.a_clip_search
-                or (self.a_static and self.a_bits is not None))
+                or self.learn_rotation_steps > 0 or (self.a_static and self.a_bits is not None))
 
     def weight_spec(self) -> QuantSpec | None:
         if self.w_bits is None:
@@ -164,11 +192,22 @@ def parse_scheme(scheme: str) -> tuple[int | None, int | None]:
     """("W4A8") -> (4, 8); 16 bits means floating point (None), as the field writes W4A16."""
     match = _SCHEME_RE.match(scheme.strip())
     if not match:
-        raise S2DError(f"unknown scheme {scheme!r}: write W<bits>A<bits>, e.g. {', '.join(SCHEMES)}")
+        raise S2DError(f"unknown scheme {scheme!r}: write W<bits>A<bits>[KV<bits>], e.g. {', '.join(SCHEMES)}")
     w, a = int(match.group(1)), int(match.group(2))
     check_bits(w, f"weight bits in {scheme}")
     check_bits(a, f"activation bits in {scheme}")
     return (None if w == 16 else w), (None if a == 16 else a)
 
 
-__all__ = ["GRANULARITIES", "METHODS", "OBSERVERS", "SCHEMES", "QuantConfig", "check_types", "parse_scheme"]
+def parse_kv_bits(scheme: str) -> int | None:
+    """("W4A4KV4") -> 4; a scheme without a KV part (or KV16) leaves the KV cache in floating point."""
+    parse_scheme(scheme)
+    kv = _SCHEME_RE.match(scheme.strip()).group(3)
+    if kv is None:
+        return None
+    check_bits(int(kv), f"KV-cache bits in {scheme}")
+    return None if int(kv) == 16 else int(kv)
+
+
+__all__ = ["GRANULARITIES", "METHODS", "OBSERVERS", "SCHEMES", "QuantConfig", "check_types", "parse_kv_bits",
+           "parse_scheme"]
