@@ -40,7 +40,8 @@ TRAIN_FLAGS = ["task", "reg", "qat", "qat_learn_scales", "steps", "lr", "weight_
 EVAL_FLAGS = ["tasks", "seq_lens", "ppl_tokens", "convention", "limit", "batch_size", "seed"]
 LOWRANK_FLAGS = ["method", "keep", "schedule", "search", "search_task", "tolerance", "acc_tolerance", "calib",
                  "n_samples", "seq_len", "seed"]
-QUANT_FLAGS = ["tasks", "eval_seq_len", "ppl_tokens", "limit", "n_samples", "seq_len", "seed"]
+QUANT_FLAGS = ["tasks", "eval_seq_len", "ppl_tokens", "limit", "n_samples", "seq_len", "seed", "avg_bits",
+               "high_scheme", "sensitivity_samples", "sensitivity_seq_len"]
 DIAGNOSE_FLAGS = ["data", "image_folder", "n_samples", "seq_len", "batch_size", "seed"]
 
 
@@ -151,15 +152,36 @@ def quant_run_config(args: argparse.Namespace):
     if args.rotate and args.smooth is not None:
         raise S2DError("choose --smooth or --rotate, not both: the online rotation before down/fc2 leaves no place "
                        "to fold the smoothing scale")
-    if args.sweep:
+    if args.recipe and (args.method or args.rotate or args.smooth is not None or args.sweep):
+        raise S2DError(f"--recipe {args.recipe} sets the method and the rotation itself: drop --method, --rotate, "
+                       "--smooth and --sweep (a sweep takes recipes in --methods, e.g. --methods gptq,best)")
+    if args.recipe:
+        grid = {"schemes": (args.scheme,) if args.scheme else default_of(QuantRunConfig, "schemes"),
+                "methods": (args.recipe,)}
+    elif args.sweep:
         grid = {"schemes": args.schemes or SWEEP_SCHEMES, "methods": args.methods or SWEEP_METHODS}
     else:
         baseline = "smooth" if args.smooth is not None else "rotate" if args.rotate else None
         grid = {"schemes": (args.scheme,) if args.scheme else default_of(QuantRunConfig, "schemes"),
                 "methods": (QuantMethod(args.method or "rtn", baseline).label,)}
     smooth = {"smooth_alpha": args.smooth} if args.smooth is not None else {}
-    return config_from(QuantRunConfig, args, QUANT_FLAGS, overrides=key_values(args.option, "--option"),
-                       **grid, **smooth).validate()
+    overrides = key_values(args.option, "--option")
+    if args.layer_scheme:
+        overrides["layer_schemes"] = layer_schemes(args.layer_scheme, overrides.get("layer_schemes"))
+    return config_from(QuantRunConfig, args, QUANT_FLAGS, overrides=overrides, **grid, **smooth).validate()
+
+
+def layer_schemes(pairs: list[str], base=None) -> dict:
+    """--layer-scheme PATTERN=SCHEME flags in order: a pattern given again moves to the end, as the later
+    pattern is the one that wins."""
+    schemes = dict(base) if isinstance(base, dict) else {}
+    for pair in pairs:
+        (pattern, scheme), = key_values([pair], "--layer-scheme").items()
+        if not isinstance(scheme, str):
+            raise S2DError(f"--layer-scheme {pattern}={scheme!r}: a scheme is written like W4A8")
+        schemes.pop(pattern, None)
+        schemes[pattern] = scheme
+    return schemes
 
 
 def _quantize(args: argparse.Namespace) -> None:
@@ -191,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     from s2d.diagnose import DiagnoseConfig
     from s2d.eval.suite import EvalConfig
     from s2d.lowrank import LowRankConfig
+    from s2d.quant.recipes import recipe_names
     from s2d.train import TrainConfig
 
     parser = argparse.ArgumentParser(prog="s2d", description=__doc__.splitlines()[0] if __doc__ else None)
@@ -240,6 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=WEIGHT_METHODS, help="how weights are rounded (default: rtn)")
     p.add_argument("--smooth", type=float, metavar="ALPHA", help="SmoothQuant first, with migration strength ALPHA")
     p.add_argument("--rotate", action="store_true", help="QuaRot-style Hadamard rotation first")
+    p.add_argument("--recipe", choices=recipe_names(), help="a named recipe (its YAML is in s2d/quant/recipes and "
+                   "is saved in the run folder): quarot, spinquant, best, or norotate for families that cannot rotate")
     p.add_argument("--sweep", action="store_true", help="every --schemes × --methods cell; one table and figure")
     p.add_argument("--schemes", type=comma_list(str), metavar="A,B",
                    help=f"schemes for --sweep (default: {_joined(SWEEP_SCHEMES)})")
@@ -248,6 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--option", action="append", metavar="KEY=VALUE",
                    help="any QuantConfig field, e.g. a_granularity=per_tensor, or w_granularity=per_group "
                         "with w_group_size=128")
+    p.add_argument("--layer-scheme", dest="layer_scheme", action="append", metavar="PATTERN=SCHEME",
+                   help="mixed precision by hand (repeatable; later patterns win): a role, e.g. down=W4A8, or a "
+                        "glob on Linear names, e.g. 'model.layers.0.*=W8A8'")
     add_flags(p, QuantRunConfig, QUANT_FLAGS, tasks="eval")
     p.add_argument("--no-model", dest="no_model", action="store_true", help="do not save the quantized model")
     _run_arguments(p, resumable=True)

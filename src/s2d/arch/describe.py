@@ -39,6 +39,7 @@ class BlockRef:
     module: nn.Module
     linears: tuple[LinearRef, ...]
     norms: dict[str, str]  # qualified name -> what it normalizes (attn_in, mlp_in, ...)
+    attention: str | None = None  # qualified name of the attention module (decoders: q, k, v after RoPE)
 
 
 @dataclass(frozen=True)
@@ -124,7 +125,8 @@ def describe(model: nn.Module) -> ModelDescription:
                                f"the {family.name} layout")
             linears.append(LinearRef(f"{prefix}.{path}", role, i, block.get_submodule(path)))
         norms = {f"{prefix}.{p}": what for ps, what in family.norms.items() if (p := _relative(block, ps))}
-        blocks.append(BlockRef(i, prefix, block, tuple(linears), norms))
+        attention = _relative(block, family.attention) if family.attention else None
+        blocks.append(BlockRef(i, prefix, block, tuple(linears), norms, attention and f"{prefix}.{attention}"))
     head = next((h for h in (_find(model, s) for s in family.head) if h is not None), None)
     return ModelDescription(family, model, tuple(blocks), _find(model, family.embeddings) or "",
                             _find(model, family.final_norm), head)

@@ -44,6 +44,9 @@ class Family:
     # Why an orthogonal rotation of the residual stream (QuaRot) would change this family's function; empty if
     # it does not: every norm is a pre-RMSNorm whose gain folds into the Linears it feeds.
     rotation_blocker: str = ""
+    # Block-relative path of the attention module that hands q, k, v (after RoPE) to transformers'
+    # AttentionInterface, where KV-cache quantization and QuaRot's R3 hook in; empty: no KV cache (encoders).
+    attention: str = ""
 
 
 _LLAMA_LINEARS = {
@@ -56,16 +59,16 @@ _POST_LN = ("its post-LayerNorms sit inside the residual stream and subtract eac
 
 FAMILIES: tuple[Family, ...] = (
     Family("llama", "causal-lm", ("llama",), "layers", _LLAMA_LINEARS, _LLAMA_NORMS,
-           "embed_tokens", "norm", ("lm_head",)),
+           "embed_tokens", "norm", ("lm_head",), attention="self_attn"),
     Family("qwen2", "causal-lm", ("qwen2",), "layers", _LLAMA_LINEARS, _LLAMA_NORMS,
-           "embed_tokens", "norm", ("lm_head",)),
+           "embed_tokens", "norm", ("lm_head",), attention="self_attn"),
     Family("gemma3", "causal-lm", ("gemma3_text",), "layers", _LLAMA_LINEARS,
            {"input_layernorm": "attn_in", "post_attention_layernorm": "attn_out",
             "pre_feedforward_layernorm": "mlp_in", "post_feedforward_layernorm": "mlp_out"},
            "embed_tokens", "norm", ("lm_head",), norm_gain_offset=1.0,
            rotation_blocker="its post-norms (post_attention_layernorm, post_feedforward_layernorm) rescale each "
            "branch's output channel by channel inside the residual stream, and its embeddings are scaled; a "
-           "rotation of the residual stream does not commute with them"),
+           "rotation of the residual stream does not commute with them", attention="self_attn"),
     Family("bert", "encoder", ("bert",), "encoder.layer",
            {"attention.self.query": "q", "attention.self.key": "k", "attention.self.value": "v",
             "attention.output.dense": "o", "intermediate.dense": "fc1", "output.dense": "fc2"},

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,7 +11,9 @@ from pathlib import Path
 from s2d.config import Config
 from s2d.errors import S2DError
 from s2d.quant.api import check_quantizable, convert, prepare
-from s2d.quant.config import QuantConfig
+from s2d.quant.config import QuantConfig, parse_kv_bits
+from s2d.quant.mixed import average_bits
+from s2d.quant.recipes import NO_ROTATION, recipe, recipe_fields, recipe_names, recipe_text
 from s2d.quant.sqnr import layer_sqnr
 from s2d.report.quant import plot_sqnr
 
@@ -53,12 +56,17 @@ class QuantRunConfig(Config):
 
     VERSION = 1
     HELP = {"schemes": "schemes, e.g. W4A4 (W8A8, W6A6, W4A8, W4A16, W3A4, or any WnAm)",
-            "methods": "methods: rtn, gptq, or smooth+/rotate+ either",
+            "methods": "methods: rtn, gptq, smooth+/rotate+ either, or a recipe (quarot, spinquant, best, norotate)",
             "smooth_alpha": "SmoothQuant's migration strength",
             "n_samples": "calibration sequences (wiki train)", "seq_len": "calibration sequence length",
             "tasks": "tasks after quantizing: ppl:wiki,analogy-mc,polarity,...",
             "eval_seq_len": "perplexity window length", "ppl_tokens": "perplexity on the first N tokens of the wiki "
-            "test split", "limit": "at most N examples per task", "seed": "seed of calibration and rotation"}
+            "test split", "limit": "at most N examples per task", "seed": "seed of calibration and rotation",
+            "avg_bits": "mixed precision: raise the most sensitive Linears to --high-scheme while the average bits "
+            "(of each side the two schemes differ on) stay within this budget",
+            "high_scheme": "the scheme --avg-bits raises Linears to",
+            "sensitivity_samples": "calibration sequences the --avg-bits sensitivities are measured on (one "
+            "forward per Linear)", "sensitivity_seq_len": "tokens of each of those sequences"}
     schemes: tuple[str, ...] = ("W4A4",)
     methods: tuple[str, ...] = ("rtn",)
     smooth_alpha: float = 0.5
@@ -71,6 +79,10 @@ class QuantRunConfig(Config):
     limit: int | None = None
     seed: int = 0
     overrides: dict = field(default_factory=dict)  # extra QuantConfig fields, e.g. {"a_granularity": "per_tensor"}
+    avg_bits: float | None = None  # None: one scheme for every Linear (or layer_schemes by hand)
+    high_scheme: str = "W4A8"
+    sensitivity_samples: int = 4
+    sensitivity_seq_len: int = 128
     # QuantConfig fields the run sets itself: an override of them would be overwritten or contradict the cell.
     RUN_SETS = {"w_bits": "the scheme (--scheme W4A8 means w_bits=4, a_bits=8)", "a_bits": "the scheme (--scheme W4A8)",
                 "method": "--method (or --methods)", "smooth_alpha": "--smooth ALPHA", "rotate": "--rotate",
@@ -86,7 +98,8 @@ class QuantRunConfig(Config):
         if not self.schemes or not self.methods:
             raise S2DError("give at least one scheme and one method (e.g. --scheme W4A8 --method rtn)")
         for m in self.methods:
-            QuantMethod.parse(m)
+            if m not in recipe_names():
+                QuantMethod.parse(m)
         if not 0 <= self.smooth_alpha <= 1:
             raise S2DError(f"--smooth ALPHA must be in [0, 1] (0.5 is SmoothQuant's default), got {self.smooth_alpha}")
         fields = sorted({f.name for f in dataclasses.fields(QuantConfig)} - set(self.RUN_SETS))
@@ -100,8 +113,24 @@ class QuantRunConfig(Config):
                 self.quant_config(s, m)
         if self.n_samples < 1 or self.seq_len < 2 or self.sqnr_samples < 1:
             raise S2DError("--n-samples and sqnr_samples must be ≥ 1 and --seq-len ≥ 2")
+        if self.avg_bits is not None:
+            self._validate_allocation()
         self.eval_config().validate()
         return self
+
+    def _validate_allocation(self) -> None:
+        from s2d.quant.mixed import raise_fraction
+
+        if self.overrides.get("layer_schemes"):
+            raise S2DError("choose --avg-bits (the Linears chosen by measured sensitivity) or --layer-scheme (by "
+                           "hand), not both")
+        if self.sensitivity_samples < 1 or self.sensitivity_seq_len < 2:
+            raise S2DError("sensitivity_samples must be ≥ 1 and sensitivity_seq_len ≥ 2")
+        for scheme in self.schemes:
+            try:
+                raise_fraction(scheme, self.high_scheme, self.avg_bits)
+            except S2DError as err:
+                raise S2DError(f"--avg-bits {self.avg_bits:g} on {scheme}: {err}") from err
 
     def eval_config(self):
         """The evaluation every cell runs (an s2d.eval.suite.EvalConfig)."""
@@ -111,24 +140,58 @@ class QuantRunConfig(Config):
                           limit=self.limit, seed=self.seed)
 
     def quant_config(self, scheme: str, method: str) -> QuantConfig:
-        parsed = QuantMethod.parse(method)
-        extra = {**self.overrides, "method": parsed.weights, "seed": self.seed}
-        if parsed.baseline == "smooth":
-            extra["smooth_alpha"] = self.smooth_alpha
-        if parsed.baseline == "rotate":
-            extra["rotate"] = True
+        """The QuantConfig of one cell; `method` is a method label (rotate+gptq) or a recipe name (best)."""
+        if method in recipe_names():  # --option still overrides what the recipe sets
+            extra = {**recipe_fields(method, kv=parse_kv_bits(scheme) is not None), **self.overrides,
+                     "seed": self.seed}
+        else:
+            parsed = QuantMethod.parse(method)
+            extra = {**self.overrides, "method": parsed.weights, "seed": self.seed}
+            if parsed.baseline == "smooth":
+                extra["smooth_alpha"] = self.smooth_alpha
+            if parsed.baseline == "rotate":
+                extra["rotate"] = True
         try:
             return QuantConfig.from_scheme(scheme, **extra)
         except S2DError as err:  # say which cell of the sweep the problem is in
             raise S2DError(f"{scheme} {method}: {err}") from err
 
 
-def quantize_one(model, tokenizer, qconfig: QuantConfig, calib, sqnr_batch=None, progress: bool = True):
-    """Quantize `model` in place; returns (model, per-Linear SQNR or None, seconds)."""
+def check_recipe(model, method: str) -> None:
+    """A recipe that rotates cannot run on a family that cannot be rotated: say which recipe fits instead."""
+    from s2d.quant.rotate import check_rotatable
+
+    if method not in recipe_names() or not recipe(method)["needs_rotation"]:
+        return
+    try:
+        check_rotatable(model)
+    except S2DError as err:
+        raise S2DError(f"recipe {method!r} rotates the model, which this family does not allow ({err}). Use "
+                       f"--recipe {NO_ROTATION}, which applies everything of the stack that needs no rotation") \
+            from err
+
+
+def quantize_one(model, tokenizer, qconfig: QuantConfig, calib, sqnr_batch=None, progress: bool = True,
+                 mixed: tuple | None = None):
+    """Quantize `model` in place; returns (model, per-Linear SQNR or None, seconds).
+
+    With `mixed` = (high scheme, average-bit budget, sensitivity batch), the Linears to raise are chosen on the
+    prepared model first; the config used is then `model.s2d_quant_config` and the choice `model.s2d_allocation`.
+    """
     t0 = time.perf_counter()
-    prepare(model, qconfig, calib=calib)
+    prepare(model, qconfig, calib=calib, progress=progress)
+    allocation = None
+    if mixed is not None:
+        from s2d.quant.mixed import allocate
+
+        high, budget, batch = mixed
+        allocation = allocate(model, qconfig, high, budget, batch, progress=progress).to_dict()
+        allocation["seconds"] = time.perf_counter() - t0
+        qconfig = dataclasses.replace(qconfig, layer_schemes=allocation["layer_schemes"])
     reference = copy.deepcopy(model) if sqnr_batch is not None else None  # the prepared FP model
     convert(model, qconfig, calib=calib, progress=progress)
+    if allocation is not None:
+        model.s2d_allocation = allocation
     seconds = time.perf_counter() - t0
     sqnr = layer_sqnr(reference, model, sqnr_batch) if reference is not None else None
     return model, sqnr, seconds
@@ -175,9 +238,17 @@ def _quantize_into(run, model_spec: str, config: QuantRunConfig, eval_config, sa
     model, tokenizer = load_model(model_spec, trust_remote_code=trust_remote_code)
     for scheme in config.schemes:  # before any evaluation: rotation support, group sizes, low-rank pairs
         for method in config.methods:
+            check_recipe(model, method)
             check_quantizable(model, config.quant_config(scheme, method))
+    from s2d.io import atomic_write_text
+
+    for method in config.methods:  # the recipe as the user can read it, beside the config it became
+        if method in recipe_names():
+            atomic_write_text(run.path / f"recipe-{method}.yaml", recipe_text(method))
     calib = calibration_batch(tokenizer, wiki_text("train"), config.n_samples, config.seq_len, config.seed)
     sqnr_batch = calib[: config.sqnr_samples]
+    mixed = None if config.avg_bits is None else \
+        (config.high_scheme, config.avg_bits, calib[: config.sensitivity_samples, : config.sensitivity_seq_len])
     rows = _finished_rows(run.path, str(model_spec), eval_config.to_dict())  # a sweep resumes cell by cell
     if "FP" not in rows:
         rows["FP"] = {"eval": evaluate(model, tokenizer, eval_config, progress=progress)}
@@ -188,9 +259,15 @@ def _quantize_into(run, model_spec: str, config: QuantRunConfig, eval_config, sa
             if model is None:
                 model, tokenizer = load_model(model_spec, trust_remote_code=trust_remote_code)
             qconfig = config.quant_config(scheme, method)
-            model, sqnr, seconds = quantize_one(model, tokenizer, qconfig, calib, sqnr_batch, progress)
+            model, sqnr, seconds = quantize_one(model, tokenizer, qconfig, calib, sqnr_batch, progress, mixed)
+            qconfig = model.s2d_quant_config  # with the allocation's layer_schemes, if any
             entry = {"scheme": scheme, "method": method, "config": qconfig.to_dict(), "seconds": seconds,
+                     "average_bits": average_bits(model),
                      "eval": evaluate(model, tokenizer, eval_config, progress=progress)}
+            if mixed is not None:  # the chosen Linears, every Linear's measured gain, and the bits achieved
+                entry["mixed"] = model.s2d_allocation
+            if getattr(model, "s2d_rotation_history", None) is not None:  # the quantized loss, step by step
+                entry["learned_rotation"] = model.s2d_rotation_history
             if sqnr is not None:
                 entry["sqnr"] = sqnr
                 entry["sqnr_worst"] = sorted(sqnr.items(), key=lambda kv: kv[1]["accumulated_db"])[:5]

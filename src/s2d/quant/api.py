@@ -20,7 +20,9 @@ from s2d.errors import S2DError
 from s2d.quant.calib import CalibBatch, iter_chunks, require_calib
 from s2d.quant.config import QuantConfig
 from s2d.quant.gptq import gptq_model
+from s2d.quant.kvcache import check_attention_quantizable, kv_spec, quantize_kv, rotate_qk
 from s2d.quant.linear import FakeQuantLinear, QuantLinear
+from s2d.quant.mixed import resolve, uses_bits
 from s2d.quant.primitives import fake_quantize
 from s2d.quant.rotate import check_rotatable, rotate_model
 from s2d.quant.smooth import smooth_model
@@ -33,17 +35,24 @@ def quantize(model: nn.Module, config: QuantConfig, filter: Filter | None = None
              *, chunk_size: int = 8, progress: bool = True) -> nn.Module:
     """Quantize `model` in place and return it: baselines, then the targeted Linears (default: all block Linears)."""
     _check_inputs(model, config, calib, filter)
-    prepare(model, config, filter, calib, chunk_size=chunk_size)
+    prepare(model, config, filter, calib, chunk_size=chunk_size, progress=progress)
     return convert(model, config, filter, calib, chunk_size=chunk_size, progress=progress)
 
 
 @torch.no_grad()
 def prepare(model: nn.Module, config: QuantConfig, filter: Filter | None = None, calib: CalibBatch | None = None,
-            *, chunk_size: int = 8) -> nn.Module:
-    """Apply the config's function-preserving baselines (rotation, SmoothQuant) in place."""
+            *, chunk_size: int = 8, progress: bool = True) -> nn.Module:
+    """Apply the config's function-preserving baselines (rotation, R3 on q/k, learned rotation, SmoothQuant) in
+    place."""
     _check_inputs(model, config, calib, filter)
     if config.rotate:
         rotate_model(model, seed=config.seed, heads=config.rotate_heads)
+    if config.rotate_qk:  # R3: online, after RoPE, so it needs no weights turned
+        rotate_qk(model, seed=config.seed)
+    if config.learn_rotation_steps:
+        from s2d.quant.spinquant import learn_rotations
+
+        model.s2d_rotation_history = learn_rotations(model, config, calib, progress)
     if config.smooth_alpha is not None:
         smooth_model(model, calib, config.smooth_alpha, filter, chunk_size)
     return model
@@ -52,20 +61,23 @@ def prepare(model: nn.Module, config: QuantConfig, filter: Filter | None = None,
 @torch.no_grad()
 def convert(model: nn.Module, config: QuantConfig, filter: Filter | None = None, calib: CalibBatch | None = None,
             *, chunk_size: int = 8, progress: bool = True) -> nn.Module:
-    """Swap the targeted Linears for QuantLinears (RTN or GPTQ weights) and calibrate static activation scales."""
+    """Swap the targeted Linears for QuantLinears (RTN or GPTQ weights), quantize the KV cache (kv_bits) and
+    calibrate static activation scales."""
     _check_inputs(model, config, calib, filter)
     desc = describe(model)
     target = leaf_filter(model, filter or desc.is_target)
-    w_spec, a_spec, static = config.weight_spec(), config.act_spec(), config.a_static
+    specs, static = resolve(model, config, target), config.a_static  # each Linear's own (layer_schemes)
     if config.method == "gptq":
-        def make(linear, q, scale, zero):
-            return QuantLinear.from_linear(linear, w_spec, a_spec, static, q, scale, zero)
+        def make(linear, q, scale, zero, name):
+            return QuantLinear.from_linear(linear, specs[name][0], specs[name][1], static, q, scale, zero)
 
-        gptq_model(model, calib, w_spec, make, target, config.gptq_block_size, config.gptq_damp,
-                   config.gptq_act_order, chunk_size, progress)
+        gptq_model(model, calib, {n: w for n, (w, _) in specs.items()}, make, target, config.gptq_block_size,
+                   config.gptq_damp, config.gptq_act_order, chunk_size, progress, config.gptq_precision)
     else:
-        swap_linears(model, target, lambda linear, name: QuantLinear.from_linear(linear, w_spec, a_spec, static))
-    if static and a_spec is not None:
+        swap_linears(model, target, lambda linear, name: QuantLinear.from_linear(linear, *specs[name], static))
+    if config.kv_bits is not None:  # before calibration, so static scales and clip searches see the KV rounding
+        quantize_kv(model, kv_spec(config))
+    if static and any(a is not None for _, a in specs.values()):
         calibrate_activations(model, calib, chunk_size)
     if config.a_clip_search:
         search_activation_clips(model, calib[: config.clip_search_samples], config.a_clip, chunk_size, progress)
@@ -142,9 +154,9 @@ def prepare_qat(model: nn.Module, config: QuantConfig, filter: Filter | None = N
     """
     target = filter or describe(model).is_target
     _check_group_size(model, config, target)
-    w_spec, a_spec = config.weight_spec(), config.act_spec()
+    specs = resolve(model, config, target)
     swap_linears(model, target,
-                 lambda linear, name: FakeQuantLinear.from_linear(linear, w_spec, a_spec, learn_scales))
+                 lambda linear, name: FakeQuantLinear.from_linear(linear, *specs[name], learn_scales))
     model.s2d_quant_config = config
     return model
 
@@ -187,6 +199,7 @@ def check_quantizable(model: nn.Module, config: QuantConfig, filter: Filter | No
     target = filter or describe(model).is_target
     if config.rotate:
         check_rotatable(model)
+    check_attention_quantizable(model, config)  # kv_bits and rotate_qk need a decoder's attention
     if config.smooth_alpha is not None:  # rotation turns a low-rank pair's two sides; SmoothQuant cannot yet
         low_rank = composite_targets(model, target)
         if low_rank:
@@ -200,20 +213,23 @@ def _check_inputs(model: nn.Module, config: QuantConfig, calib: CalibBatch | Non
     """Fail before any work: missing calibration data, or a model the config does not fit."""
     if config.method == "gptq":
         require_calib(calib, "GPTQ (to build each layer's Hessian)")
-    if config.a_static and config.a_bits is not None:
+    if config.a_static and uses_bits(config, "a"):
         require_calib(calib, "static activation scales")
     if config.smooth_alpha is not None:
         require_calib(calib, "SmoothQuant (to measure activation ranges)")
+    if config.learn_rotation_steps:
+        require_calib(calib, "learned rotations (the quantized loss they minimise)")
     check_quantizable(model, config, filter)
 
 
 def _check_group_size(model: nn.Module, config: QuantConfig, target: Filter) -> None:
     """Every quantized Linear's input size must split into whole groups (of weights, and of each token's
     activations): name the first that does not."""
-    sizes = {name: m.in_features for name, m in model.named_modules() if isinstance(m, nn.Linear) and target(m, name)}
-    for side, bits, granularity, group in (("w", config.w_bits, config.w_granularity, config.w_group_size),
-                                           ("a", config.a_bits, config.a_granularity, config.a_group_size)):
-        if bits is None or granularity != "per_group":
+    specs = resolve(model, config, target)  # a Linear left in FP on a side (layer_schemes) needs no groups there
+    for side, index, group in (("w", 0, config.w_group_size), ("a", 1, config.a_group_size)):
+        sizes = {name: model.get_submodule(name).in_features for name, pair in specs.items()
+                 if pair[index] is not None and pair[index].granularity == "per_group"}
+        if not sizes:
             continue
         misfit = next((name for name, size in sizes.items() if size % group), None)
         if misfit is not None:

@@ -15,6 +15,7 @@ from s2d.quant.primitives import GRANULARITIES, OBSERVERS, QuantSpec, check_bits
 # The field's names. "A16" means activations left in floating point, as papers write W4A16.
 SCHEMES = ("W8A8", "W6A6", "W4A8", "W4A4", "W4A16", "W3A4")
 METHODS = ("rtn", "gptq")
+GPTQ_PRECISIONS = ("float32", "float64")
 _SCHEME_RE = re.compile(r"^W(\d+)A(\d+)(?:KV(\d+))?$", re.IGNORECASE)
 
 
@@ -45,6 +46,7 @@ class QuantConfig(Config):
     gptq_block_size: int = 128
     gptq_damp: float = 0.01  # added to the Hessian's diagonal, as a fraction of its mean
     gptq_act_order: bool = True
+    gptq_precision: str = "float32"  # float32 (the reference's, fast) | float64 (a slower check)
     smooth_alpha: float | None = None  # SmoothQuant migration strength; None = off
     rotate: bool = False  # QuaRot-style Hadamard rotation of the residual stream + online before down/fc2
     rotate_heads: bool = False  # with rotate: SpinQuant's R2, each head's values and o_proj input (folded)
@@ -63,6 +65,11 @@ class QuantConfig(Config):
         if self.w_group_size is not None and self.w_granularity != "per_group":
             raise S2DError(f"w_group_size={self.w_group_size} applies to per_group weights only, but w_granularity is "
                            f"{self.w_granularity!r}: add w_granularity=per_group, or drop w_group_size")
+        for side, granularity, group in (("w", self.w_granularity, self.w_group_size),
+                                         ("a", self.a_granularity, self.a_group_size)):
+            if granularity == "per_group" and (not isinstance(group, int) or group < 1):
+                raise S2DError(f"{side}_granularity=per_group needs a positive {side}_group_size (e.g. 32, 64 or "
+                               f"128), got {group!r}")
         self.weight_spec()
         self.act_spec()
         if self.w_granularity == "per_token":
@@ -86,6 +93,8 @@ class QuantConfig(Config):
             raise S2DError("GPTQ quantizes weights: give w_bits (e.g. scheme W4A16), or use method='rtn'")
         if self.gptq_block_size < 1 or not 0 <= self.gptq_damp < 1:
             raise S2DError("gptq_block_size must be positive and gptq_damp in [0, 1)")
+        if self.gptq_precision not in GPTQ_PRECISIONS:
+            raise S2DError(f"unknown gptq_precision {self.gptq_precision!r}; use float32 (the default) or float64")
         if self.smooth_alpha is not None and not 0 <= self.smooth_alpha <= 1:
             raise S2DError(f"SmoothQuant alpha must be in [0, 1] (0.5 is the paper's default), got {self.smooth_alpha}")
         if self.rotate_heads and not self.rotate:
@@ -103,7 +112,9 @@ class QuantConfig(Config):
             if not isinstance(pattern, str) or not isinstance(scheme, str):
                 raise S2DError(f"layer_schemes maps a role or a Linear-name pattern to a scheme such as W4A8, got "
                                f"{pattern!r}: {scheme!r}")
-            parse_scheme(scheme)
+            if parse_kv_bits(scheme) is not None:
+                raise S2DError(f"layer_schemes {pattern!r}: {scheme!r} sets KV-cache bits, which are one setting of "
+                               "the whole model (kv_bits); give the Linears a scheme such as W4A8")
         if self.smooth_alpha is not None and self.rotate:
             raise S2DError("choose SmoothQuant or rotation, not both: the online rotation before down/fc2 leaves no "
                            "place to fold the smoothing scale of the down input")
@@ -142,17 +153,25 @@ class QuantConfig(Config):
                 or self.learn_rotation_steps > 0 or (self.a_static and self.a_bits is not None))
 
     def weight_spec(self) -> QuantSpec | None:
-        if self.w_bits is None:
-            return None
-        check_bits(self.w_bits, "weight bits")
-        return QuantSpec(self.w_bits, self.w_symmetric, self.w_granularity, self.w_group_size, self.w_observer,
-                         self.percentile, self.w_clip, self.grid)
+        return self.weight_spec_at(self.w_bits)
 
     def act_spec(self) -> QuantSpec | None:
-        if self.a_bits is None:
+        return self.act_spec_at(self.a_bits)
+
+    def weight_spec_at(self, bits: int | None) -> QuantSpec | None:
+        """The weights' spec with `bits` (None: floating point) and every other setting from this config: what a
+        layer_schemes override gives its Linears."""
+        if bits is None:
             return None
-        check_bits(self.a_bits, "activation bits")
-        return QuantSpec(self.a_bits, self.a_symmetric, self.a_granularity, self.a_group_size, self.a_observer,
+        check_bits(bits, "weight bits")
+        return QuantSpec(bits, self.w_symmetric, self.w_granularity, self.w_group_size, self.w_observer,
+                         self.percentile, self.w_clip, self.grid)
+
+    def act_spec_at(self, bits: int | None) -> QuantSpec | None:
+        if bits is None:
+            return None
+        check_bits(bits, "activation bits")
+        return QuantSpec(bits, self.a_symmetric, self.a_granularity, self.a_group_size, self.a_observer,
                          self.percentile, self.a_clip, self.grid)
 
 

@@ -4,10 +4,11 @@ The folder is a plain transformers model plus two additions:
 - `model.safetensors` + `config.json`: what `from_pretrained` loads, with each quantized Linear's dequantized
   weight (any online rotation folded back), so plain transformers gets the weight-quantized model;
 - `quantization.safetensors`: the integer weights, their scales and zero points, static activation scales
-  and online rotations of every QuantLinear;
+  and online rotations of every QuantLinear, and the R3 rotations of the attention layers (s2d.quant.kvcache);
 - a `quantization` block in `config.json`: the QuantConfig and the list of quantized layers.
 `s2d.load_model(folder)` loads the plain model, then `restore` swaps the QuantLinears back in from the
-integer tensors, so outputs match the saved model exactly.
+integer tensors (and re-attaches R3 and KV-cache quantization, which run inside the attention and cannot be
+expressed in the plain model), so outputs match the saved model exactly.
 """
 
 from __future__ import annotations
@@ -22,13 +23,14 @@ from torch import nn
 from s2d.errors import S2DError
 from s2d.io import atomic_dir, nbytes
 from s2d.quant.config import QuantConfig
+from s2d.quant.kvcache import owned_names, restore_attention
 from s2d.quant.linear import QuantLinear
 from s2d.quant.rotate import Rotation
 from s2d.quant.swap import set_module
 
 QUANT_FILE = "quantization.safetensors"
 FORMAT = "s2d-fake-quant"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: each layer entry may carry its own w_bits/a_bits (mixed precision, layer_schemes)
 
 
 def save_quantized(model: nn.Module, folder: str | Path, tokenizer=None, config: QuantConfig | None = None) -> Path:
@@ -43,8 +45,9 @@ def save_quantized(model: nn.Module, folder: str | Path, tokenizer=None, config:
         raise S2DError(f"the quantized model's tensor {bad} holds NaN/Inf; it is not saved. Quantize again with more "
                        "bits, another observer or method, or check the original with `s2d diagnose`")
     quant_tensors, plain_state, entries = {}, {}, {}
+    attention = owned_names(model)  # R3's rotations: s2d's own tensors, not the plain model's
     for name, tensor in model.state_dict().items():
-        owner = next((n for n in layers if name.startswith(n + ".")), None)
+        owner = next((n for n in [*layers, *attention] if name.startswith(n + ".")), None)
         if owner is None:
             plain_state[name] = tensor
         else:
@@ -56,8 +59,13 @@ def save_quantized(model: nn.Module, folder: str | Path, tokenizer=None, config:
         rotation = layer.rotation
         entries[name] = {"in_features": layer.in_features, "out_features": layer.out_features,
                          "bias": layer.bias is not None,
-                         "rotation": None if rotation is None else [f.shape[0] for f in rotation.factors]}
-    block = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": config.to_dict(), "layers": entries}
+                         "rotation": None if rotation is None else [f.shape[0] for f in rotation.factors],
+                         "w_bits": None if layer.w_spec is None else layer.w_spec.bits,
+                         "a_bits": None if layer.a_spec is None else layer.a_spec.bits}
+    # Version 1 readers rebuild every layer from the config's bits: a mixed folder must not look readable to them.
+    mixed = any((e["w_bits"], e["a_bits"]) != (config.w_bits, config.a_bits) for e in entries.values())
+    block = {"format": FORMAT, "format_version": FORMAT_VERSION if mixed else 1, "config": config.to_dict(),
+             "layers": entries}
     folder = Path(folder)
     with atomic_dir(folder, needed=nbytes(model.state_dict().values())) as tmp:
         model.save_pretrained(tmp, state_dict=plain_state)
@@ -85,7 +93,6 @@ def restore(model: nn.Module, folder: str | Path) -> nn.Module:
         raise S2DError(f"{folder} is missing {QUANT_FILE}, which holds the integer weights; copy the whole folder")
     config = QuantConfig.from_dict(block["config"])
     tensors = load_file(str(folder / QUANT_FILE))
-    w_spec, a_spec = config.weight_spec(), config.act_spec()
     for name, entry in block["layers"].items():
         try:
             base = model.get_submodule(name)
@@ -94,6 +101,9 @@ def restore(model: nn.Module, folder: str | Path) -> nn.Module:
         rotation = None
         if entry.get("rotation"):
             rotation = Rotation.skeleton(entry["in_features"], entry["rotation"])
+        # each layer's own bits; folders from before mixed precision have none: the config's
+        w_spec = config.weight_spec_at(entry["w_bits"]) if "w_bits" in entry else config.weight_spec()
+        a_spec = config.act_spec_at(entry["a_bits"]) if "a_bits" in entry else config.act_spec()
         layer = QuantLinear(entry["in_features"], entry["out_features"], entry["bias"], w_spec, a_spec,
                             config.a_static, rotation)
         prefix = name + "."
@@ -104,5 +114,6 @@ def restore(model: nn.Module, folder: str | Path) -> nn.Module:
             raise S2DError(f"{folder}/{QUANT_FILE} does not match layer {name}: missing {missing}, "
                            f"unexpected {unexpected}")
         set_module(model, name, layer.to(getattr(base, "weight", torch.empty(0)).device))
+    restore_attention(model, config, tensors, f"{folder}/{QUANT_FILE}")
     model.s2d_quant_config = config
     return model

@@ -185,26 +185,43 @@ def rotate_model(model: nn.Module, seed: int = 0, heads: bool = False) -> nn.Mod
         _fold_final_norm(desc.module(desc.final_norm), head, desc.family.norm_gain_offset)
     d = embed.weight.shape[1]
     q = random_rotation(d, seed).double()  # applied factor by factor: W Q costs O(n (m + 2^k)) per row
-    _turn(embed, right=q)
+    turn_residual(desc, q)
     for block in desc.blocks:
-        # A low-rank pair (W = B·A) is turned on A's input side and on B's output side; the online rotation
-        # goes in front of A.
-        for lin in block.linears:
-            if lin.role in RESIDUAL_WRITERS:
-                _turn(output_side(lin.module), left=q)
-            elif any(lin.role in roles for roles in NORM_FEEDS.values()):
-                _turn(input_side(lin.module), right=q)
         for lin in block.linears:
             if lin.role in MLP_HIDDEN_READERS:
                 online = random_rotation(lin.module.in_features, seed + 1 + lin.block)
                 reader = input_side(lin.module)
                 name = lin.name if reader is lin.module else f"{lin.name}.{_child_name(lin.module, reader)}"
                 set_module(model, name, _rotated_copy(reader, online))
-    if head is not None:
-        _turn(head, right=q)
     if heads:
         rotate_heads(desc, seed)
+    model.s2d_rotated = True  # norms folded and the stream turned: learned rotations build on this
     return model
+
+
+def residual_sides(desc) -> list[tuple[nn.Module, str]]:
+    """Every weight that touches the residual stream, with the side the stream is on: "left" for the Linears
+    that write it (output side), "right" for the embedding and the Linears that read it (input side).
+
+    A low-rank pair (W = B·A) is turned on A's input side and on B's output side.
+    """
+    sides = [(desc.module(desc.embeddings), "right")]
+    for block in desc.blocks:
+        for lin in block.linears:
+            if lin.role in RESIDUAL_WRITERS:
+                sides.append((output_side(lin.module), "left"))
+            elif any(lin.role in roles for roles in NORM_FEEDS.values()):
+                sides.append((input_side(lin.module), "right"))
+    if desc.head:
+        sides.append((desc.module(desc.head), "right"))
+    return sides
+
+
+@torch.no_grad()
+def turn_residual(desc, q: Rotation) -> None:
+    """Rotate the residual stream h -> h Q of a model whose norms are folded (exact; see the module docstring)."""
+    for module, side in residual_sides(desc):
+        _turn(module, **{side: q})
 
 
 @torch.no_grad()
@@ -217,23 +234,35 @@ def rotate_heads(desc, seed: int = 0) -> None:
     rotation is folded into the two weights; nothing runs online. Only head_dim matters, so 9 query and 3 KV
     heads of 64 channels (SmolLM2) are as easy as any power of two.
     """
-    size = desc.head_dim
     for block in desc.blocks:
-        roles = {lin.role: lin for lin in block.linears}
-        if "v" not in roles or "o" not in roles:
-            raise S2DError(f"head rotation needs separate v and o projections; {desc.family.name} block "
-                           f"{block.index} has roles {', '.join(roles)}")
-        m = random_rotation(size, seed + 7919 + block.index).double()
-        v, o = output_side(roles["v"].module), input_side(roles["o"].module)
-        if v.weight.shape[0] % size or o.weight.shape[1] % size:
-            raise S2DError(f"head_dim {size} does not divide v's outputs {v.weight.shape[0]} or o's inputs "
-                           f"{o.weight.shape[1]} in block {block.index}; this model's head layout is not supported")
-        w = v.weight.double().t()  # (d, heads·hd): each head's columns turned on the right, i.e. Mᵀ W_head
-        v.weight.copy_(m(w.reshape(w.shape[0], -1, size)).reshape(w.shape).t().to(v.weight.dtype))
-        if v.bias is not None:
-            v.bias.copy_(m(v.bias.double().reshape(-1, size)).reshape(-1).to(v.bias.dtype))
-        w = o.weight.double()  # (d, heads·hd): W_o blockdiag(M)
-        o.weight.copy_(m(w.reshape(w.shape[0], -1, size)).reshape(w.shape).to(o.weight.dtype))
+        turn_head(desc, block, random_rotation(desc.head_dim, seed + 7919 + block.index).double())
+
+
+def head_sides(desc, block) -> tuple[nn.Linear, nn.Linear]:
+    """(the Linear writing v, the Linear reading o's input) of a block: the two sides R2 turns."""
+    roles = {lin.role: lin for lin in block.linears}
+    if "v" not in roles or "o" not in roles:
+        raise S2DError(f"head rotation needs separate v and o projections; {desc.family.name} block "
+                       f"{block.index} has roles {', '.join(roles)}")
+    v, o = output_side(roles["v"].module), input_side(roles["o"].module)
+    size = desc.head_dim
+    if v.weight.shape[0] % size or o.weight.shape[1] % size:
+        raise S2DError(f"head_dim {size} does not divide v's outputs {v.weight.shape[0]} or o's inputs "
+                       f"{o.weight.shape[1]} in block {block.index}; this model's head layout is not supported")
+    return v, o
+
+
+@torch.no_grad()
+def turn_head(desc, block, m: Rotation) -> None:
+    """R2 with the head_dim rotation `m` on one block (see `rotate_heads`)."""
+    v, o = head_sides(desc, block)
+    size = desc.head_dim
+    w = v.weight.double().t()  # (d, heads·hd): each head's columns turned on the right, i.e. Mᵀ W_head
+    v.weight.copy_(m(w.reshape(w.shape[0], -1, size)).reshape(w.shape).t().to(v.weight.dtype))
+    if v.bias is not None:
+        v.bias.copy_(m(v.bias.double().reshape(-1, size)).reshape(-1).to(v.bias.dtype))
+    w = o.weight.double()  # (d, heads·hd): W_o blockdiag(M)
+    o.weight.copy_(m(w.reshape(w.shape[0], -1, size)).reshape(w.shape).to(o.weight.dtype))
 
 
 def _child_name(parent: nn.Module, child: nn.Module) -> str:
