@@ -2,13 +2,13 @@
 
 For each average-bit budget, `s2d quantize smollm2-135m --scheme BASE --avg-bits B --high-scheme HIGH` measures
 each Linear's sensitivity (the KL gain of raising it alone, one forward per Linear on 4×128 calibration tokens)
-and raises the most sensitive Linears per parameter within the budget, on top of a strong recipe (default: GPTQ,
-rotation, activation clip 0.9, the full grid, asymmetric activations, MSE weight clipping). Budget = BASE's bits
+and raises the most sensitive Linears per parameter within the budget, on top of a recipe (default: `--recipe best`,
+the strongest stack the W4A4 ladder found). Budget = BASE's bits
 is the uniform base scheme and budget = HIGH's bits the uniform high one: the two ends of the curve.
 Wiki-test ppl@128 on the first 16,384 tokens, as bench/w4a4_ladder.py.
 
 Each budget is a run folder under --root (resumed or redone until its metrics.json exists); the table,
-bench/out/mixed_precision.json and docs/figures/mixed_precision.png are read back from those folders.
+bench/out/mixed_precision.json and bench/out/mixed_precision.png are read back from those folders.
 
 Usage: python bench/mixed_precision.py [--root runs/mixed-precision] [--budgets 4 4.5 5 6 8] [--base W4A4]
        [--high W4A8] [--recipe "--method gptq --rotate ..."] [--table]
@@ -28,9 +28,8 @@ from s2d.experiments.mixed_precision import finished, folder_name, table
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "out" / "mixed_precision.json"
-FIGURE = HERE.parent / "docs" / "figures" / "mixed_precision.png"
-RECIPE = ("--method gptq --rotate --option a_clip=0.9 --option grid=full --option a_symmetric=false "
-          "--option w_observer=mse")
+FIGURE = OUT.with_suffix(".png")  # make_results copies it into docs/figures
+RECIPE = "--recipe best"  # the strongest stack the W4A4 ladder found (s2d/quant/recipes/best.yaml)
 BUDGETS = (4.0, 4.5, 5.0, 6.0, 8.0)
 
 

@@ -72,6 +72,23 @@ def test_rolling_perplexity_agrees_with_lm_eval(transformed):
     assert -ours.nll_sum == pytest.approx(theirs, abs=1e-4 * ours.n_tokens, rel=1e-6)
 
 
+def test_lm_eval_rolling_scores_the_tokenizers_own_bos(transformed):
+    """With a tokenizer that prepends BOS (Gemma), lm-eval 0.4's rolling puts its prefix before the encoded
+    [BOS] + text, so it scores the BOS after BOS as one more target, and no later window has BOS. s2d's BOS
+    rule scores only the text's tokens, with BOS before every window; this pins what lm-eval does."""
+    from s2d.assets.tiny import byte_tokenizer
+
+    model, _ = transformed
+    tok = byte_tokenizer(add_bos=True)
+    text = load_wiki("test")[1].text[:300]
+    theirs = rolling_loglikelihood(model, tok, [text], max_length=128)[0]
+    ids = tok(text)["input_ids"]
+    assert ids[0] == tok.bos_token_id
+    same = perplexity(model, ids, seq_len=128, convention="rolling", prefix_token_id=tok.bos_token_id,
+                      progress=False)
+    assert same.n_tokens == 301 and -same.nll_sum == pytest.approx(theirs, abs=1e-4 * 301, rel=1e-6)
+
+
 def test_wrapping_leaves_a_replaced_head_untied(transformed):
     model, tok = transformed
     head, embed = model.lm_head.weight, model.model.embed_tokens.weight

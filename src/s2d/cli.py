@@ -37,7 +37,7 @@ def _info(args: argparse.Namespace) -> None:
 
 TRAIN_FLAGS = ["task", "reg", "qat", "qat_learn_scales", "steps", "lr", "weight_decay", "batch_size", "grad_accum",
                "seq_len", "warmup", "seed", "eval_every", "checkpoint_every", "image_data", "image_folder"]
-EVAL_FLAGS = ["tasks", "seq_lens", "ppl_tokens", "convention", "limit", "batch_size", "seed"]
+EVAL_FLAGS = ["tasks", "seq_lens", "ppl_tokens", "convention", "bos", "limit", "batch_size", "seed"]
 LOWRANK_FLAGS = ["method", "keep", "schedule", "search", "search_task", "tolerance", "acc_tolerance", "calib",
                  "n_samples", "seq_len", "seed"]
 QUANT_FLAGS = ["tasks", "eval_seq_len", "ppl_tokens", "limit", "n_samples", "seq_len", "seed", "avg_bits",

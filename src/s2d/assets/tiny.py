@@ -78,8 +78,11 @@ def tiny_model(family: str, *, dtype: torch.dtype = torch.float32, seed: int = T
     return model, tokenizer
 
 
-def byte_tokenizer():
-    """A 259-token byte-level tokenizer, so tiny models run on real text with no vocabulary file."""
+def byte_tokenizer(add_bos: bool = False):
+    """A 259-token byte-level tokenizer, so tiny models run on real text with no vocabulary file.
+
+    `add_bos=True` makes `tokenizer(text)` prepend <bos>, as Gemma's tokenizers do (`add_bos_token`).
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
     from transformers.convert_slow_tokenizer import bytes_to_unicode
@@ -90,4 +93,4 @@ def byte_tokenizer():
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     backend.decoder = decoders.ByteLevel()
     return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<bos>", eos_token="<eos>",
-                                   pad_token="<pad>", model_max_length=TINY_POSITIONS)
+                                   pad_token="<pad>", model_max_length=TINY_POSITIONS, add_bos_token=add_bos)

@@ -5,6 +5,15 @@ Both conventions cut the stream into windows that are scored independently:
   every window scores `seq_len - 1` tokens and the tail shorter than a window is left out (GPTQ, QuaRot).
 - "rolling": lm-eval's `loglikelihood_rolling`: a prefix (BOS) token goes in front, every token is scored
   exactly once, windows hold `seq_len` inputs, and the last window is extended to the left.
+
+BOS (`bos=True`, which s2d.eval.suite chooses when the tokenizer itself prepends BOS, as Gemma's does): every
+window gets the BOS token in front as context. BOS is never a scored target, so the scored tokens are exactly
+those without BOS. `seq_len` counts model positions with BOS included, as lm-eval's max_length does:
+- "windows": a window still covers `seq_len` stream tokens and scores the same `seq_len - 1` targets; BOS is
+  extra context before its first token and takes the position the last token (only ever a target) does not need.
+- "rolling": every window looks like lm-eval's first one, BOS + `seq_len - 1` tokens scoring up to `seq_len`:
+  the first window is unchanged, and a later window's first (context-only) input gives way to BOS.
+Without BOS, "windows" is the GPTQ/QuaRot convention and "rolling" lm-eval's (prefix on the first window only).
 """
 
 from __future__ import annotations
@@ -19,6 +28,8 @@ from torch import nn
 from s2d.errors import S2DError
 
 CONVENTIONS = ("windows", "rolling")
+BOS_RULES = ("auto", "always", "never")  # auto: BOS in front of every window iff the tokenizer prepends it
+_BOS_PROBE = "Hello world"
 # Positions per cross-entropy call: bounds the temporary log-softmax to ~100 MB at a 49k vocabulary.
 _CE_CHUNK = 512
 # Tokens per forward when batch_size is not given: large enough to amortize per-call overhead,
@@ -38,6 +49,7 @@ class PerplexityResult:
     seq_len: int
     convention: str
     n_input_tokens: int  # tokens given; in "windows" the tail and each window's first token are not scored
+    bos: bool = False  # BOS in front of every window as context (never scored); see the module docstring
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -87,14 +99,38 @@ def as_token_tensor(tokens) -> torch.Tensor:
     return ids.reshape(-1).long()
 
 
-def _windows(n: int, seq_len: int, convention: str) -> list[_Window]:
+def tokenizer_adds_bos(tokenizer) -> bool:
+    """Whether `tokenizer(text)` puts its BOS token in front, i.e. what lm-eval's default encoding would hold.
+
+    Decided by encoding a probe string with and without special tokens rather than by `add_bos_token`: not
+    every tokenizer class has that attribute or honours it, and a post-processor can prepend BOS without it.
+    """
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return False
+    with_special = list(tokenizer(_BOS_PROBE)["input_ids"])
+    plain = list(tokenizer(_BOS_PROBE, add_special_tokens=False)["input_ids"])
+    return with_special[:1] == [bos] and plain[:1] != [bos]
+
+
+def resolve_bos(rule: str, tokenizer) -> bool:
+    """`bos` for perplexity() from a rule: "always", "never", or "auto" (follow the tokenizer)."""
+    if rule not in BOS_RULES:
+        raise S2DError(f"unknown BOS rule {rule!r}; use one of {', '.join(BOS_RULES)}")
+    return rule == "always" or (rule == "auto" and tokenizer_adds_bos(tokenizer))
+
+
+def _windows(n: int, seq_len: int, convention: str, bos: bool = False) -> list[_Window]:
+    """Windows over the stream; with `bos`, a window's inputs are BOS + stream[start : start + length] and its
+    targets stream[start : start + length + 1] (one position more than without BOS)."""
     if convention == "windows":
         n_windows = n // seq_len
         if n_windows == 0:
             raise S2DError(f"{n} tokens are fewer than one window of seq_len={seq_len}; give more text or a "
                            "shorter seq_len")
         # A window's last token is only a target, so it needs no forward position of its own: the
-        # remaining seq_len - 1 inputs give the same logits under causal attention.
+        # remaining seq_len - 1 inputs give the same logits under causal attention. With BOS in front the
+        # forward is seq_len positions and the window scores the same seq_len - 1 targets.
         return [_Window(i * seq_len, seq_len - 1, seq_len - 1) for i in range(n_windows)]
     # "rolling": the stream is [prefix] + tokens, so stream position p predicts token p.
     first = min(seq_len, n)
@@ -104,6 +140,8 @@ def _windows(n: int, seq_len: int, convention: str) -> list[_Window]:
         end = done + n_pred  # tokens [done, end) are scored by the window ending at stream position end
         out.append(_Window(end - seq_len, seq_len, n_pred))
         done = end
+    if bos:  # the stream is the tokens alone and BOS is prepended: the same start, one stream input fewer
+        out = [_Window(w.start, w.length - 1, w.n_score) for w in out]
     return out
 
 
@@ -123,10 +161,11 @@ def _window_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 @torch.inference_mode()
 def perplexity(model: nn.Module, tokens, seq_len: int = 128, batch_size: int | None = None,
                convention: str = "windows", prefix_token_id: int | None = None,
-               progress: bool = True) -> PerplexityResult:
+               progress: bool = True, bos: bool = False) -> PerplexityResult:
     """Perplexity of a causal LM on a token stream (see the module docstring for the two conventions).
 
-    `prefix_token_id` is the BOS put in front under "rolling" (default: the config's bos, else eos token).
+    `prefix_token_id` is the BOS put in front under "rolling" (default: the config's bos, else eos token);
+    with `bos=True` it goes in front of every window, in either convention, as context that is never scored.
     The model is simply called, so Linears replaced by quantized or low-rank modules are fine.
     """
     from tqdm.auto import tqdm
@@ -138,7 +177,7 @@ def perplexity(model: nn.Module, tokens, seq_len: int = 128, batch_size: int | N
     ids = as_token_tensor(tokens)
     if batch_size is not None and batch_size < 1:
         raise S2DError(f"batch_size must be at least 1, got {batch_size}")
-    if convention == "rolling":
+    if convention == "rolling" or bos:
         if prefix_token_id is None:
             config = getattr(model, "config", None)
             prefix_token_id = getattr(config, "bos_token_id", None)
@@ -147,12 +186,13 @@ def perplexity(model: nn.Module, tokens, seq_len: int = 128, batch_size: int | N
             if isinstance(prefix_token_id, list):
                 prefix_token_id = prefix_token_id[0]
         if prefix_token_id is None:
-            raise S2DError("the rolling convention needs a prefix (BOS) token and the model config names none; "
-                           "pass prefix_token_id=tokenizer.bos_token_id")
+            raise S2DError(f"{'BOS' if bos else 'the rolling convention'} needs a prefix (BOS) token and the model "
+                           "config names none; pass prefix_token_id=tokenizer.bos_token_id")
+    if convention == "rolling" and not bos:
         stream = torch.cat([torch.tensor([prefix_token_id], dtype=torch.long), ids])
     else:
         stream = ids
-    windows = _windows(ids.numel(), seq_len, convention)
+    windows = _windows(ids.numel(), seq_len, convention, bos)
     per_batch = batch_size or max(1, _AUTO_BATCH_TOKENS // seq_len)
     device = next(model.parameters()).device
     # Equal-length windows batch without padding; only a short single window ever differs.
@@ -167,14 +207,21 @@ def perplexity(model: nn.Module, tokens, seq_len: int = 128, batch_size: int | N
                disable=not progress, leave=False)
     for batch in batches:
         length = batch[0].length
-        inputs = torch.stack([stream[w.start : w.start + length] for w in batch]).to(device)
-        targets = torch.stack([stream[w.start + 1 : w.start + length + 1] for w in batch]).to(device)
+        if bos:
+            head = torch.full((len(batch), 1), prefix_token_id, dtype=torch.long)
+            inputs = torch.cat([head, torch.stack([stream[w.start : w.start + length] for w in batch])], 1)
+            targets = torch.stack([stream[w.start : w.start + length + 1] for w in batch])
+            inputs, targets = inputs.to(device), targets.to(device)
+        else:
+            inputs = torch.stack([stream[w.start : w.start + length] for w in batch]).to(device)
+            targets = torch.stack([stream[w.start + 1 : w.start + length + 1] for w in batch]).to(device)
+        positions = inputs.shape[1]
         logits = model(input_ids=inputs, use_cache=False).logits
-        if all(w.n_score == length for w in batch):
+        if all(w.n_score == positions for w in batch):
             flat_logits, flat_targets = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
         else:
-            flat_logits = torch.cat([logits[j, length - w.n_score :] for j, w in enumerate(batch)])
-            flat_targets = torch.cat([targets[j, length - w.n_score :] for j, w in enumerate(batch)])
+            flat_logits = torch.cat([logits[j, positions - w.n_score :] for j, w in enumerate(batch)])
+            flat_targets = torch.cat([targets[j, positions - w.n_score :] for j, w in enumerate(batch)])
         nll_sum += _window_nll(flat_logits, flat_targets).cpu()
         n_batch = sum(w.n_score for w in batch)
         n_scored += n_batch
@@ -183,4 +230,4 @@ def perplexity(model: nn.Module, tokens, seq_len: int = 128, batch_size: int | N
     nll_mean = float(nll_sum) / n_scored
     return PerplexityResult(ppl=math.exp(nll_mean), nll_mean=nll_mean, nll_sum=float(nll_sum), n_tokens=n_scored,
                             n_windows=len(windows), seq_len=seq_len, convention=convention,
-                            n_input_tokens=ids.numel())
+                            n_input_tokens=ids.numel(), bos=bos)

@@ -10,7 +10,7 @@ from torch import nn
 from s2d.config import Config
 from s2d.errors import S2DError
 from s2d.eval.multiple_choice import score_multiple_choice
-from s2d.eval.perplexity import CONVENTIONS, perplexity
+from s2d.eval.perplexity import BOS_RULES, CONVENTIONS, perplexity, resolve_bos
 from s2d.eval.tasks import TASKS, build_task, split_task
 
 PPL_SOURCES = {"ppl:wiki": "test"}  # perplexity task -> wiki split; held-out text only
@@ -26,13 +26,19 @@ class EvalConfig(Config):
             "seq_lens": "perplexity window length(s), e.g. 128,1024",
             "ppl_tokens": "perplexity on the first N tokens of the wiki test split",
             "convention": "windows: GPTQ/QuaRot non-overlapping windows; rolling: lm-eval's loglikelihood_rolling",
+            "bos": "BOS in front of every perplexity window: auto (if the tokenizer prepends it, as Gemma's does), "
+                   "always or never",
             "limit": "at most N examples per task and N windows per perplexity",
             "batch_size": "sequences per forward for the tasks", "seed": "seed of the task builders"}
-    CHOICES = {"convention": CONVENTIONS}
+    CHOICES = {"convention": CONVENTIONS, "bos": BOS_RULES}
     tasks: tuple[str, ...] = DEFAULT_TASKS
     seq_lens: tuple[int, ...] = (128,)
     ppl_tokens: int = 65536  # the fixed slice: the first ppl_tokens tokens of the wiki test split
     convention: str = "windows"
+    # With BOS, seq_len still counts the model's positions, BOS included (lm-eval's max_length): a "windows"
+    # window scores the same seq_len - 1 targets with BOS as extra context, a "rolling" one BOS + seq_len - 1
+    # tokens. ppl_tokens counts text tokens only, BOS never among them (s2d.eval.perplexity).
+    bos: str = "auto"
     limit: int | None = None
     batch_size: int = 16  # sequences per forward for multiple choice
     ppl_batch_size: int | None = None  # windows per forward; None = about 2k tokens per forward
@@ -48,6 +54,8 @@ class EvalConfig(Config):
             raise S2DError(f"no tasks given; choose from {', '.join(known)}")
         if self.convention not in CONVENTIONS:
             raise S2DError(f"unknown convention {self.convention!r}; use one of {', '.join(CONVENTIONS)}")
+        if self.bos not in BOS_RULES:
+            raise S2DError(f"unknown --bos {self.bos!r}; use one of {', '.join(BOS_RULES)}")
         if self.limit is not None and self.limit < 1:
             raise S2DError(f"--limit must be at least 1, got {self.limit}")
         if self.ppl_tokens < 2 or not self.seq_lens or min(self.seq_lens) < 2:
@@ -68,12 +76,13 @@ def evaluate(model: nn.Module, tokenizer, config: EvalConfig, progress: bool = T
         if name in PPL_SOURCES:
             split = PPL_SOURCES[name]
             tokens = wiki_tokens(tokenizer, split)[: config.ppl_tokens]
+            bos = resolve_bos(config.bos, tokenizer)  # recorded as "bos" in each result
             for seq_len in config.seq_lens:
                 t0 = time.perf_counter()
                 ids = tokens if config.limit is None else tokens[: config.limit * seq_len]
                 r = perplexity(model, ids, seq_len=seq_len, batch_size=config.ppl_batch_size,
                                convention=config.convention, prefix_token_id=tokenizer.bos_token_id,
-                               progress=progress)
+                               progress=progress, bos=bos)
                 _check_finite(f"{name}@{seq_len} perplexity", [r.nll_mean], model, ids[:seq_len])
                 results[f"{name}@{seq_len}"] = {
                     **r.to_dict(), "source": f"wiki {split} split, first {ids.numel():,} tokens",

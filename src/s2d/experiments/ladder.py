@@ -8,8 +8,13 @@ from s2d.experiments.record import metrics, run_config, shared
 
 # The field's rungs (Llama-3.2-1B, WikiText-2, KV16; SPEC §3) beside ours where one corresponds: theirs.
 THEIRS = {"rtn": "RTN, clip, asymmetric, no rotation: 26×", "rotate": "random Hadamard R1: 11×",
-          "rotate-r2-clip-gptq-full-asym-wmse": "learned R1/R2 + online R4 (SpinQuant): 1.9×",
-          "rotate-r2-clip-gptq-full-asym-wmse-ag32": "QuaRot-style GPTQ act-order, A4 asymmetric dynamic g32: 1.45×"}
+          "rotate-clip": "random Hadamard R1 + online R4 (SpinQuant's ablation, fixed rotations): 1.9× is learned",
+          "best-learned": "learned R1/R2 + online R4 (SpinQuant): 1.9×",
+          "recipe-spinquant": "learned R1/R2 + online R4 (SpinQuant): 1.9×",
+          "recipe-quarot": "QuaRot-style GPTQ act-order, A4 asymmetric dynamic g32: 1.45×",
+          "rotate-r2-clip-gptq-full-asym-wmse-ag32": "QuaRot-style GPTQ act-order, A4 asymmetric dynamic g32: 1.45×",
+          "recipe-best-kv4": "FlatQuant W4A4KV4: 1.23×; QuaRot W4A4KV4 GPTQ on LLaMA-2-7B: 1.12×",
+          "recipe-quarot-kv4": "QuaRot W4A4KV4 GPTQ on LLaMA-2-7B: 1.12×"}
 
 
 def cell(folder: Path) -> dict | None:
@@ -60,4 +65,8 @@ def options(folder: Path) -> str:
             out.append(f"`{value}`")
         elif flag == "--rotate":
             out.append("rotate")
+        elif flag == "--recipe":
+            out.append(f"recipe {value}")
+        elif flag in ("--avg-bits", "--high-scheme"):
+            out.append(f"{flag[2:]} {value}")
     return " ".join(out)

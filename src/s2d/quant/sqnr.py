@@ -35,10 +35,15 @@ def layer_sqnr(reference: nn.Module, quantized: nn.Module, batch: CalibBatch, ch
     sums = {n: [0.0, 0.0, 0.0, 0.0] for n in layers}  # local signal, local noise, accumulated signal, noise
     desc_ref, desc_q = describe(reference), describe(quantized)
     ref_out: dict[str, torch.Tensor] = {}
+    # `keep` records only during the reference model's own forward: `compare` calls the reference Linear on
+    # the quantized model's input, which fires the same hook and would overwrite the accumulated reference
+    # with the local one (then accumulated_db == local_db for every Linear).
+    in_reference = [False]
 
     def keep(name):
         def fn(module, args, out):
-            ref_out[name] = out.detach()
+            if in_reference[0]:
+                ref_out[name] = out.detach()
         return fn
 
     def compare(name):
@@ -58,7 +63,9 @@ def layer_sqnr(reference: nn.Module, quantized: nn.Module, batch: CalibBatch, ch
     handles += [m.register_forward_hook(compare(n)) for n, m in layers.items()]
     try:
         for chunk in iter_chunks(batch, chunk_size):
+            in_reference[0] = True
             reference(**model_inputs(desc_ref, chunk))
+            in_reference[0] = False
             quantized(**model_inputs(desc_q, chunk))
     finally:
         for h in handles:

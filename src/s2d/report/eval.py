@@ -7,8 +7,8 @@ from s2d.report.markdown import fmt, md_table
 
 def report_markdown(model_name: str, config, results: dict, command: str) -> str:
     """report.md of an eval run: one table for perplexity, one for the tasks, and the command."""
-    ppl = [(k, v["convention"], v["seq_len"], v["n_windows"], v["n_tokens"], v["ppl"], v["nll_mean"])
-           for k, v in results.items() if "ppl" in v]
+    ppl = [(k, v["convention"] + (" + BOS" if v.get("bos") else ""), v["seq_len"], v["n_windows"], v["n_tokens"],
+            v["ppl"], v["nll_mean"]) for k, v in results.items() if "ppl" in v]
     mc = [(k, v["version"], v["n"], v["acc"], v["acc_norm"], v["chance"]) for k, v in results.items() if "acc" in v]
     parts = [f"# Evaluation of {model_name}\n", f"Command: `{command}`\n"]
     if ppl:
