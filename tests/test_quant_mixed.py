@@ -321,7 +321,7 @@ def _bench_reads_the_run(root, entry):
     assert list(cells) == ["4.5"] and cells["4.5"]["ppl"] == entry["eval"]["ppl:wiki@128"]["ppl"]
     assert cells["4.5"]["raised"] == len(entry["mixed"]["layer_schemes"]) and cells["4.5"]["linears"] == 21
     assert (root / "fig.png").stat().st_size > 0
-    assert "--avg-bits 5 --high-scheme W4A8 --method gptq" in " ".join(bench.command(5.0, bench.parse(args)))
+    assert "--avg-bits 5 --high-scheme W4A8 --recipe best" in " ".join(bench.command(5.0, bench.parse(args)))
     from s2d.experiments.mixed_precision import table
 
     text = table(root, [4.5, 5])

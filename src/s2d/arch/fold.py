@@ -34,7 +34,7 @@ def fold_norm_gains(desc: ModelDescription) -> list[str]:
             gain = norm.weight.double() + offset
             shift = getattr(norm, "bias", None)
             for linear in linears:
-                _fold_into(linear, gain, shift)
+                fold_into_linear(linear, gain, shift)
             norm.weight.fill_(1.0 - offset)
             if shift is not None:
                 shift.zero_()
@@ -54,7 +54,8 @@ def output_side(module: nn.Module) -> nn.Linear:
     return getattr(module, "output_linear", module)
 
 
-def _fold_into(linear: nn.Module, gain: torch.Tensor, shift: torch.Tensor | None) -> None:
+def fold_into_linear(linear: nn.Module, gain: torch.Tensor, shift: torch.Tensor | None) -> None:
+    """Make `linear` read g⊙x + β where it read x (g, β per input channel), in place."""
     # W·(g⊙x̂ + β) + b  ==  (W·diag(g))·x̂ + (W·β + b). A low-rank pair takes the gain on A's columns and
     # W·β = B·(A·β) on B's bias.
     reader, writer = input_side(linear), output_side(linear)

@@ -13,9 +13,9 @@ from s2d.quant.api import (
 from s2d.quant.config import SCHEMES, QuantConfig, parse_scheme
 from s2d.quant.io import restore, save_quantized
 from s2d.quant.linear import FakeQuantLinear, QuantLinear
+from s2d.quant.observer import RangeObserver
 from s2d.quant.primitives import (
     QuantSpec,
-    RangeObserver,
     choose_qparams,
     dequantize_affine,
     fake_quantize,

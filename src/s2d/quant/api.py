@@ -24,6 +24,7 @@ from s2d.quant.kvcache import check_attention_quantizable, kv_spec, quantize_kv,
 from s2d.quant.linear import FakeQuantLinear, QuantLinear
 from s2d.quant.mixed import resolve, uses_bits
 from s2d.quant.primitives import fake_quantize
+from s2d.quant.reparam import check_reparameterizable, reparameterize_norms
 from s2d.quant.rotate import check_rotatable, rotate_model
 from s2d.quant.smooth import smooth_model
 from s2d.quant.swap import composite_targets, leaf_filter, swap_linears
@@ -42,8 +43,8 @@ def quantize(model: nn.Module, config: QuantConfig, filter: Filter | None = None
 @torch.no_grad()
 def prepare(model: nn.Module, config: QuantConfig, filter: Filter | None = None, calib: CalibBatch | None = None,
             *, chunk_size: int = 8, progress: bool = True) -> nn.Module:
-    """Apply the config's function-preserving baselines (rotation, R3 on q/k, learned rotation, SmoothQuant) in
-    place."""
+    """Apply the config's function-preserving baselines (rotation, R3 on q/k, learned rotation, SmoothQuant,
+    RepQ-ViT's norm reparameterization) in place."""
     _check_inputs(model, config, calib, filter)
     if config.rotate:
         rotate_model(model, seed=config.seed, heads=config.rotate_heads)
@@ -55,6 +56,8 @@ def prepare(model: nn.Module, config: QuantConfig, filter: Filter | None = None,
         model.s2d_rotation_history = learn_rotations(model, config, calib, progress)
     if config.smooth_alpha is not None:
         smooth_model(model, calib, config.smooth_alpha, filter, chunk_size)
+    if config.ln_reparam:  # last: it measures the norm outputs the quantized Linears will read (rotated or not)
+        reparameterize_norms(model, calib, filter, chunk_size)
     return model
 
 
@@ -200,6 +203,8 @@ def check_quantizable(model: nn.Module, config: QuantConfig, filter: Filter | No
     if config.rotate:
         check_rotatable(model)
     check_attention_quantizable(model, config)  # kv_bits and rotate_qk need a decoder's attention
+    if config.ln_reparam:
+        check_reparameterizable(model)  # post-norm families cannot take it
     if config.smooth_alpha is not None:  # rotation turns a low-rank pair's two sides; SmoothQuant cannot yet
         low_rank = composite_targets(model, target)
         if low_rank:
@@ -213,6 +218,8 @@ def _check_inputs(model: nn.Module, config: QuantConfig, calib: CalibBatch | Non
     """Fail before any work: missing calibration data, or a model the config does not fit."""
     if config.method == "gptq":
         require_calib(calib, "GPTQ (to build each layer's Hessian)")
+    if config.ln_reparam:
+        require_calib(calib, "ln_reparam (to measure each norm channel's range)")
     if config.a_static and uses_bits(config, "a"):
         require_calib(calib, "static activation scales")
     if config.smooth_alpha is not None:

@@ -39,6 +39,7 @@ class QuantConfig(Config):
     a_static: bool = False  # static scales are calibrated once (per_tensor); dynamic ones come from each input
     a_clip: float = 1.0  # activation ranges shrunk to a_clip·[lo, hi]: QuaRot's 0.9 for per-token scales
     a_clip_search: bool = False  # per Linear, the clip ratio (≤ a_clip) with the least output error on calibration
+    ln_reparam: bool = False  # RepQ-ViT: even out the channel ranges of pre-norm outputs for static per-tensor scales
     clip_search_samples: int = 4  # calibration sequences the search runs on (each candidate costs a forward)
     grid: str = "restricted"  # symmetric grids: restricted (QuaRot, 2^b - 1 levels) or full (GPTQ, all 2^b)
     percentile: float = 99.9
@@ -85,6 +86,12 @@ class QuantConfig(Config):
         if self.a_clip_search and (self.a_bits is None or self.a_static):
             raise S2DError("a_clip_search calibrates the clip of dynamic activation scales: it needs a_bits and "
                            "a_static=False (static scales take their range from calibration already)")
+        if self.ln_reparam and not (self.a_static and self.a_granularity == "per_tensor"):
+            raise S2DError("ln_reparam evens out the channel ranges a per-tensor static activation scale sees: use it "
+                           "with a_static=True and a_granularity='per_tensor'")
+        if self.ln_reparam and self.smooth_alpha is not None:
+            raise S2DError("choose SmoothQuant or ln_reparam, not both: both rescale the channels of the norms that "
+                           "feed Linears, and ln_reparam would undo the balance smooth_alpha sets there")
         if self.clip_search_samples < 1:
             raise S2DError(f"clip_search_samples must be ≥ 1, got {self.clip_search_samples}")
         if self.method not in METHODS:
@@ -150,7 +157,7 @@ class QuantConfig(Config):
     @property
     def needs_calibration(self) -> bool:
         return (self.method == "gptq" or self.smooth_alpha is not None or self.a_clip_search
-                or self.learn_rotation_steps > 0 or (self.a_static and self.a_bits is not None))
+                or self.learn_rotation_steps > 0 or (self.a_static and self.a_bits is not None) or self.ln_reparam)
 
     def weight_spec(self) -> QuantSpec | None:
         return self.weight_spec_at(self.w_bits)

@@ -7,9 +7,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from s2d.errors import S2DError
+from s2d.quant.observer import RangeObserver
 from s2d.quant.primitives import (
     QuantSpec,
-    RangeObserver,
     choose_qparams,
     dequantize_affine,
     fake_quantize,

@@ -31,7 +31,8 @@ from s2d.errors import S2DError
 from s2d.quant.calib import CalibBatch, iter_chunks, require_calib
 from s2d.quant.config import QuantConfig, parse_kv_bits, parse_scheme
 from s2d.quant.linear import FakeQuantLinear, QuantLinear
-from s2d.quant.primitives import QuantSpec, RangeObserver
+from s2d.quant.observer import RangeObserver
+from s2d.quant.primitives import QuantSpec
 from s2d.quant.swap import leaf_filter, set_module, swap_linears
 
 FP_BITS = 16

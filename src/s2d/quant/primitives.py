@@ -260,33 +260,3 @@ def fake_quantize(x: torch.Tensor, spec: QuantSpec, scale: torch.Tensor | None =
                                       zero_point, spec), tuple(x.shape), block_size)
     return ste(x, xq)
 
-
-class RangeObserver:
-    """Streaming range for static activation scales: one (lo, hi) per block, over calibration batches.
-
-    min-max keeps the running extremes (exact over the whole calibration set); percentile and MSE ranges
-    cannot be merged exactly without holding every value, so they are averaged over batches, like torch.ao's
-    moving-average observers. Memory stays one range per block.
-    """
-
-    def __init__(self, spec: QuantSpec):
-        self.spec = spec
-        self.lo: torch.Tensor | None = None
-        self.hi: torch.Tensor | None = None
-        self.batches = 0
-
-    def update(self, x: torch.Tensor) -> None:
-        lo, hi = observe_range(x.detach().float(), self.spec)
-        if self.lo is None:
-            self.lo, self.hi = lo, hi
-        elif self.spec.observer == "minmax":
-            self.lo, self.hi = torch.minimum(self.lo, lo), torch.maximum(self.hi, hi)
-        else:
-            n = self.batches
-            self.lo, self.hi = (self.lo * n + lo) / (n + 1), (self.hi * n + hi) / (n + 1)
-        self.batches += 1
-
-    def qparams(self):
-        if self.lo is None:
-            raise S2DError("static activation scales need calibration data: pass calib=<token batch> to quantize()")
-        return qparams_from_range(self.lo, self.hi, self.spec)
