@@ -9,7 +9,7 @@ from functools import cached_property
 import torch
 from torch import nn
 
-from s2d.arch.families import Family, family_for, supported
+from s2d.arch.families import BRANCH_NORM_TAGS, BRANCH_WRITERS, Family, family_for, supported
 from s2d.errors import S2DError
 
 
@@ -33,6 +33,22 @@ class LinearRef:
 
 
 @dataclass(frozen=True)
+class BranchRef:
+    """One residual branch of a block: the Linear that ends it and the module whose output is added to the
+    residual stream, which is its post-norm where the family has one (Gemma3), else the Linear itself."""
+
+    kind: str  # "attn" or "mlp"
+    writer: LinearRef
+    norm: str | None  # qualified name of the post-norm between the writer and the residual add, if any
+    module: nn.Module  # the module whose output the residual receives
+
+    @property
+    def output(self) -> str:
+        """Qualified name of the module whose output is added to the residual stream."""
+        return self.norm or self.writer.name
+
+
+@dataclass(frozen=True)
 class BlockRef:
     index: int
     name: str
@@ -40,6 +56,7 @@ class BlockRef:
     linears: tuple[LinearRef, ...]
     norms: dict[str, str]  # qualified name -> what it normalizes (attn_in, mlp_in, ...)
     attention: str | None = None  # qualified name of the attention module (decoders: q, k, v after RoPE)
+    branches: tuple[BranchRef, ...] = ()  # what each branch adds to the residual stream, in forward order
 
 
 @dataclass(frozen=True)
@@ -102,6 +119,18 @@ def _relative(block: nn.Module, paths: str) -> str | None:
     return None
 
 
+def _branches(model: nn.Module, family: Family, linears: list[LinearRef], norms: dict[str, str]) -> tuple:
+    out = []
+    for kind, roles in BRANCH_WRITERS.items():
+        writer = next((lin for lin in linears if lin.role in roles), None)
+        if writer is None:
+            continue
+        tag = BRANCH_NORM_TAGS[kind]
+        norm = next((n for n, what in norms.items() if what == tag), None) if tag in family.branch_norms else None
+        out.append(BranchRef(kind, writer, norm, model.get_submodule(norm) if norm else writer.module))
+    return tuple(out)
+
+
 def describe(model: nn.Module) -> ModelDescription:
     """Describe a supported model; an unsupported one raises S2DError listing the supported families."""
     config = getattr(model, "config", None)
@@ -126,7 +155,8 @@ def describe(model: nn.Module) -> ModelDescription:
             linears.append(LinearRef(f"{prefix}.{path}", role, i, block.get_submodule(path)))
         norms = {f"{prefix}.{p}": what for ps, what in family.norms.items() if (p := _relative(block, ps))}
         attention = _relative(block, family.attention) if family.attention else None
-        blocks.append(BlockRef(i, prefix, block, tuple(linears), norms, attention and f"{prefix}.{attention}"))
+        blocks.append(BlockRef(i, prefix, block, tuple(linears), norms, attention and f"{prefix}.{attention}",
+                               _branches(model, family, linears, norms)))
     head = next((h for h in (_find(model, s) for s in family.head) if h is not None), None)
     return ModelDescription(family, model, tuple(blocks), _find(model, family.embeddings) or "",
                             _find(model, family.final_norm), head)

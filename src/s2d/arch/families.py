@@ -26,6 +26,11 @@ LINEAR_FEEDS = {"up": ("down",)}
 RESIDUAL_WRITERS = ("o", "down", "fc2")
 MLP_HIDDEN_READERS = ("down", "fc2")
 
+# A block's two residual branches, the roles of the Linear that ends each, and the tag of the norm that may sit
+# between that Linear and the residual add (a family lists such norms in `branch_norms`).
+BRANCH_WRITERS = {"attn": ("o",), "mlp": ("down", "fc2")}
+BRANCH_NORM_TAGS = {"attn": "attn_out", "mlp": "mlp_out"}
+
 
 @dataclass(frozen=True)
 class Family:
@@ -47,6 +52,10 @@ class Family:
     # Block-relative path of the attention module that hands q, k, v (after RoPE) to transformers'
     # AttentionInterface, where KV-cache quantization and QuaRot's R3 hook in; empty: no KV cache (encoders).
     attention: str = ""
+    # Tags of the norms applied to a branch's output before it is added to the residual stream (Gemma's sandwich
+    # post-norms), so what the branch adds is the norm's output. Empty: each branch adds its Linear's output (a
+    # BERT-style post-LayerNorm normalizes the sum after the add, so it is not one of these).
+    branch_norms: tuple[str, ...] = ()
 
 
 _LLAMA_LINEARS = {
@@ -68,7 +77,8 @@ FAMILIES: tuple[Family, ...] = (
            "embed_tokens", "norm", ("lm_head",), norm_gain_offset=1.0,
            rotation_blocker="its post-norms (post_attention_layernorm, post_feedforward_layernorm) rescale each "
            "branch's output channel by channel inside the residual stream, and its embeddings are scaled; a "
-           "rotation of the residual stream does not commute with them", attention="self_attn"),
+           "rotation of the residual stream does not commute with them", attention="self_attn",
+           branch_norms=("attn_out", "mlp_out")),
     Family("bert", "encoder", ("bert",), "encoder.layer",
            {"attention.self.query": "q", "attention.self.key": "k", "attention.self.value": "v",
             "attention.output.dense": "o", "intermediate.dense": "fc1", "output.dense": "fc2"},
@@ -107,3 +117,8 @@ BIAS_SWITCHES = {
     "llama": {"attention_bias": ("q", "k", "v", "o"), "mlp_bias": ("gate", "up", "down")},
     "gemma3": {"attention_bias": ("q", "k", "v", "o")},
 }
+
+# The decoder families a GGUF file can hold (s2d reads and writes these): llama.cpp's architecture name, and
+# whether llama.cpp's converter permutes the q and k rows for its interleaved RoPE (its llama architecture
+# does; transformers' GGUF reader undoes it). Absent: not exported, and a GGUF of it is not read.
+GGUF_ARCHS = {"llama": ("llama", True), "qwen2": ("qwen2", False), "gemma3": ("gemma3", False)}

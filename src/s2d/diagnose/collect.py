@@ -1,4 +1,5 @@
-"""One calibration pass with forward hooks: statistics for every targeted Linear and every block's output."""
+"""One calibration pass with forward hooks: statistics for every targeted Linear, every block's output, and what
+each residual branch adds to the stream (its post-norm's output where the family has one)."""
 
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ class _Collector:
         self.linear_in: dict[str, RunningStats] = {}
         self.linear_out: dict[str, RunningStats] = {}
         self.residual: dict[int, RunningStats] = {}
+        self.branch_out: dict[str, RunningStats] = {}  # post-norm outputs; a bare writer's is its linear_out
         self.spectra: dict[str, dict] = {}
         self.pcdr: dict[str, PCDRAccumulator] = {}
         rows_per_batch = math.ceil(config.pcdr_rows / n_batches)
@@ -44,6 +46,10 @@ class _Collector:
         for block in desc.blocks:
             self.residual[block.index] = RunningStats(**keep)
             self.hooks.append(block.module.register_forward_hook(self._block_hook(block.index, block.name)))
+            for branch in block.branches:
+                if branch.norm is not None:
+                    self.branch_out[branch.norm] = RunningStats(**keep)
+                    self.hooks.append(branch.module.register_forward_hook(self._branch_hook(branch.norm)))
 
     def _summary(self, x: torch.Tensor, where: str):
         # q, k and v (and gate and up) receive the same tensor object in turn; recognise it by identity among
@@ -72,6 +78,14 @@ class _Collector:
         def hook(module, args, output):
             self.residual[index].update(self._summary(_tensor(output), f"the output of block {index} ({name})"))
         return hook
+
+    def _branch_hook(self, name: str):
+        def hook(module, args, output):
+            self.branch_out[name].update(self._summary(_tensor(output), f"the output of {name}"))
+        return hook
+
+    def branch_stats(self, branch) -> RunningStats:
+        return self.branch_out[branch.norm] if branch.norm is not None else self.linear_out[branch.writer.name]
 
     def next_batch(self, size: int) -> None:
         self._recent = []
@@ -116,8 +130,23 @@ def collect(model, batches: list[dict], config: DiagnoseConfig, progress: bool =
         stats = collector.residual[block.index]
         residual.append({"block": block.index, "name": block.name, **stats.finish(c.top_channels, c.massive_ratio),
                          "channel_absmax": stats.channel_absmax.tolist()})
+    # What each branch adds to the residual, per channel (its post-norm's output, else its writer Linear's):
+    # the reading names the branch whose contribution makes the massive channel jump.
+    branches = []
+    for block in desc.blocks:
+        for branch in block.branches:
+            stats = collector.branch_stats(branch)
+            if stats.channel_absmax is None:  # the branch never ran (cannot happen in a full forward)
+                continue
+            entry = {"block": block.index, "branch": branch.kind, "writer": branch.writer.name,
+                     "role": branch.writer.role, "norm": branch.norm, "max_abs": stats.max_abs,
+                     "channel_absmax": stats.channel_absmax.tolist()}
+            if branch.norm is not None:
+                entry["writer_channel_absmax"] = collector.linear_out[branch.writer.name].channel_absmax.tolist()
+            branches.append(entry)
     first = collector.residual[0]
     tokens = first.n // (collector.sample0 * len(first.channel_absmax))
     return {"family": desc.family.name, "kind": desc.kind, "n_blocks": len(desc.blocks),
             "samples": collector.sample0, "seq_len": tokens, "linears": linears, "residual": residual,
+            "branches": branches, "massive_rule": {"abs": c.massive_abs, "ratio": c.massive_ratio},
             "seconds": {"spectra": spectra_seconds, "total": time.perf_counter() - start}}
