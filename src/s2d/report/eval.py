@@ -17,5 +17,17 @@ def report_markdown(model_name: str, config, results: dict, command: str) -> str
     if mc:
         parts += ["## Zero-shot multiple choice\n",
                   md_table(["task", "version", "examples", "acc", "acc_norm", "chance"], mc)]
+    bias = [(k, v["version"], v["n"], *(_ci(v, m) for m in ("ss", "lms", "icat", "pct_stereotype")))
+            for k, v in results.items() if v.get("kind") == "bias" and "acc" not in v]
+    if bias:
+        parts += ["## Bias (percent, bootstrap 95% interval)\n",
+                  md_table(["task", "version", "items", "SS", "LMS", "ICAT", "pct_stereotype"], bias)]
     parts.append(f"Seed {config.seed}; limit {fmt(config.limit)}.\n")
     return "\n".join(parts)
+
+
+def _ci(result: dict, key: str) -> str:
+    if key not in result:
+        return "-"
+    lo, hi = result[f"{key}_ci95"]
+    return f"{result[key]:.1f} [{lo:.1f}, {hi:.1f}]"
