@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "s2d"
-METHODS = {"diagnose", "quant", "lowrank", "regularize", "train"}
+METHODS = {"diagnose", "quant", "lowrank", "regularize", "train", "export"}  # export: a format writer, ruled alike
 ABOVE_METHODS = {"eval", "report", "runs", "commands", "cli", "experiments"}
 DATA_NAMES = None  # the public names of s2d.assets.data, filled on first use
 

@@ -7,12 +7,14 @@ import pytest
 from s2d.cli import (
     DIAGNOSE_FLAGS,
     EVAL_FLAGS,
+    EXPORT_FLAGS,
     LOWRANK_FLAGS,
     QUANT_FLAGS,
     TRAIN_FLAGS,
     build_parser,
     diagnose_config,
     eval_config,
+    export_config,
     lowrank_config,
     quant_run_config,
     train_config,
@@ -21,14 +23,16 @@ from s2d.commands.quantize import SWEEP_METHODS, SWEEP_SCHEMES, QuantMethod, Qua
 from s2d.diagnose import DiagnoseConfig
 from s2d.errors import S2DError
 from s2d.eval.suite import EvalConfig
+from s2d.export.gguf import ExportConfig
 from s2d.lowrank import LowRankConfig
 from s2d.train import TrainConfig
 
 BUILDERS = {"finetune": (train_config, TrainConfig), "eval": (eval_config, EvalConfig),
             "compress": (lowrank_config, LowRankConfig), "quantize": (quant_run_config, QuantRunConfig),
-            "diagnose": (diagnose_config, DiagnoseConfig), "compare": (diagnose_config, DiagnoseConfig)}
+            "diagnose": (diagnose_config, DiagnoseConfig), "compare": (diagnose_config, DiagnoseConfig),
+            "export": (export_config, ExportConfig)}
 FLAGS = {"finetune": TRAIN_FLAGS, "eval": EVAL_FLAGS, "compress": LOWRANK_FLAGS, "quantize": QUANT_FLAGS,
-         "diagnose": DIAGNOSE_FLAGS, "compare": DIAGNOSE_FLAGS}
+         "diagnose": DIAGNOSE_FLAGS, "compare": DIAGNOSE_FLAGS, "export": EXPORT_FLAGS}
 
 
 def _args(*argv):

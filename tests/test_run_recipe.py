@@ -181,14 +181,19 @@ def test_each_bad_recipe_is_refused_naming_the_stage(text, message):
         parse_recipe(text)
 
 
-def test_export_is_refused_until_the_command_exists():
-    from s2d.commands.recipe import export_available
-
-    if export_available():
-        pytest.skip("s2d export exists: the stage is wired")
-    with pytest.raises(S2DError, match=r"stage 1: `export` is not available"):
-        parse_recipe("model: tiny:llama\nstages:\n  - stage: compress\n  - stage: export\n")
-
+def test_an_export_stage_writes_the_gguf_and_must_come_last(tmp_path):
+    recipe = ("model: tiny:llama\nstages:\n  - stage: compress\n    method: svd\n    keep: 0.9\n"
+              "  - stage: export\n    type: Q8_0\n    check_tokens: 64\n")
+    with pytest.raises(S2DError, match=r"stage 1 \(export\) cannot follow|cannot follow an export stage"):
+        parse_recipe(recipe + "  - stage: eval\n")
+    with pytest.raises(S2DError, match="unknown option 'bogus'"):
+        parse_recipe(recipe + "    bogus: 1\n")
+    path = tmp_path / "r.yaml"
+    path.write_text(recipe)
+    run_recipe(path, tmp_path / "out")
+    export = next((tmp_path / "out").glob("01-export*"))
+    assert (export / "model.gguf").stat().st_size > 0
+    assert json.loads((export / "metrics.json").read_text())
 
 def test_the_worked_recipes_parse():
     for path in sorted(TINY.parent.glob("*.yaml")):

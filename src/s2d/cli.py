@@ -18,10 +18,14 @@ def _info(args: argparse.Namespace) -> None:
 
     model, _ = load_model(args.model, trust_remote_code=args.trust_remote_code)
     info = summary(model)
+    source = getattr(model, "s2d_source", None)  # a .gguf: its architecture and tensor types
     if args.json:
-        print(json.dumps(info, indent=2))
+        print(json.dumps({**info, **({"source": source} if source else {})}, indent=2))
         return
     print(f"{args.model}: {info['class']} (family {info['family']}, {info['kind']})")
+    if source:
+        types = ", ".join(f"{n} {t}" for t, n in source["tensor_types"].items())
+        print(f"  source            {source['format'].upper()} ({source['architecture']}): {types} tensors")
     print(f"  parameters        {info['parameters']:,} ({info['parameters'] / 1e6:.1f}M)")
     print(f"  blocks            {info['blocks']}")
     print(f"  targeted Linears  {info['linears']} holding {info['block_linear_parameters']:,} parameters")
@@ -43,6 +47,7 @@ LOWRANK_FLAGS = ["method", "keep", "schedule", "search", "search_task", "toleran
 QUANT_FLAGS = ["tasks", "eval_seq_len", "ppl_tokens", "limit", "n_samples", "seq_len", "seed", "avg_bits",
                "high_scheme", "sensitivity_samples", "sensitivity_seq_len"]
 DIAGNOSE_FLAGS = ["data", "image_folder", "n_samples", "seq_len", "batch_size", "seed"]
+EXPORT_FLAGS = ["type", "weights_only", "check_tokens"]
 
 
 def train_config(args: argparse.Namespace):
@@ -219,13 +224,39 @@ def _headline(result: dict) -> str:
     return "-"
 
 
+def export_config(args: argparse.Namespace):
+    from s2d.export.gguf import ExportConfig
+
+    return config_from(ExportConfig, args, EXPORT_FLAGS).validate()
+
+
+def _export(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from s2d.commands.export import FILE, run_export
+    from s2d.runs import default_run_dir
+
+    out = args.out or default_run_dir("export")
+    m = run_export(args.model, export_config(args), out, trust_remote_code=args.trust_remote_code, mode=_mode(args),
+                   argv=args.argv)
+    types = ", ".join(f"{n} {t}" for t, n in m["gguf"]["tensor_types"].items())
+    print(f"{m['gguf']['architecture']} GGUF, {m['gguf']['bytes'] / 2**20:.1f} MiB ({types} tensors)")
+    if m["check"].get("read_back"):
+        c = m["check"]
+        print(f"read back by transformers: ppl {c['ppl_source']:.4f} -> {c['ppl_gguf']:.4f} ({c['ppl_change']:+.2%}) "
+              f"on {c['tokens']:,} tokens, top-1 agreement {c['top1_agreement']:.2%}")
+    for note in m["notes"]:
+        print(f"note: {note}")
+    print(f"file: {Path(out) / FILE}\nrun folder: {out}")
+
+
 def _mode(args: argparse.Namespace) -> str:
     from s2d.runs import run_mode
 
     return run_mode(args.overwrite, getattr(args, "resume", False))
 
 
-MODEL_HELP = "smollm2-135m, minilm-l6, tiny:<family>, or a local HF model folder"
+MODEL_HELP = "smollm2-135m, minilm-l6, tiny:<family>, a local HF model folder, or a .gguf file"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -234,6 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     from s2d.commands.quantize import SWEEP_METHODS, SWEEP_SCHEMES, WEIGHT_METHODS, QuantRunConfig
     from s2d.diagnose import DiagnoseConfig
     from s2d.eval.suite import EvalConfig
+    from s2d.export.gguf import ExportConfig
     from s2d.lowrank import LowRankConfig
     from s2d.quant.recipes import recipe_names
     from s2d.train import TrainConfig
@@ -314,6 +346,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_flags(p, DiagnoseConfig, DIAGNOSE_FLAGS)
     _run_arguments(p, resumable=False)
     p.set_defaults(func=_compare)
+
+    p = sub.add_parser("export", help="write a dense, merged low-rank or weight-quantized model as GGUF (llama.cpp), "
+                       "checked by reading it back")
+    p.add_argument("model", help=MODEL_HELP + " (Llama, Qwen2 or Gemma3)")
+    add_flags(p, ExportConfig, EXPORT_FLAGS)
+    _run_arguments(p, resumable=False)
+    p.set_defaults(func=_export)
 
     p = sub.add_parser("run", help="a recipe: finetune, compress, quantize, eval, diagnose stages in order, "
                        "resumable, with sweeps and one report")

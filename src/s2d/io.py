@@ -138,6 +138,33 @@ def atomic_dir(path: str | Path, needed: int | None = None):
         raise
 
 
+@contextmanager
+def atomic_path(path: str | Path):
+    """Yield a temporary file path beside `path` for a writer that opens files by name; on success it replaces
+    `path` in one rename, on any failure (the caller's checks included) it is removed."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        os.chmod(name, 0o666 & ~_umask())
+    except OSError as err:
+        raise _fail(path, err) from err
+    tmp = Path(name)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException as err:
+        written = tmp.stat().st_size if tmp.exists() else 0
+        tmp.unlink(missing_ok=True)
+        full = isinstance(err, Exception) and not isinstance(err, S2DError) and disk_full(err, path.parent)
+        if isinstance(err, OSError) or full:
+            raise _fail(path, err, written) from err
+        raise
+
+
 def ensure_writable_dir(path: str | Path) -> Path:
     """Create `path` if needed and prove it is writable, before any long work starts."""
     path = Path(path)

@@ -118,7 +118,15 @@ BIAS_SWITCHES = {
     "gemma3": {"attention_bias": ("q", "k", "v", "o")},
 }
 
-# The decoder families a GGUF file can hold (s2d reads and writes these): llama.cpp's architecture name, and
-# whether llama.cpp's converter permutes the q and k rows for its interleaved RoPE (its llama architecture
-# does; transformers' GGUF reader undoes it). Absent: not exported, and a GGUF of it is not read.
-GGUF_ARCHS = {"llama": ("llama", True), "qwen2": ("qwen2", False), "gemma3": ("gemma3", False)}
+# The decoder families a GGUF file can hold (s2d reads and writes these): llama.cpp's architecture name; whether
+# llama.cpp's converter permutes the q and k rows for its interleaved RoPE (its llama architecture does, and
+# transformers' GGUF reader undoes it); and the roles whose biases llama.cpp's loader of that architecture reads.
+# Absent: not exported, and a GGUF of it is not read.
+GGUF_ARCHS = {
+    "llama": {"arch": "llama", "permute_qk": True, "biases": ("q", "k", "v", "o", "gate", "up", "down")},
+    "qwen2": {"arch": "qwen2", "permute_qk": False, "biases": ("q", "k", "v")},
+    "gemma3": {"arch": "gemma3", "permute_qk": False, "biases": ()},
+}
+# llama.cpp's tensor name (`blk.N.<name>.weight`) of each Linear role of these families.
+GGUF_TENSORS = {"q": "attn_q", "k": "attn_k", "v": "attn_v", "o": "attn_output", "gate": "ffn_gate", "up": "ffn_up",
+                "down": "ffn_down"}

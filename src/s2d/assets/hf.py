@@ -59,7 +59,7 @@ def pretrained_config(folder: Path, trust_remote_code: bool):
 
     if not (folder / "config.json").is_file():
         raise S2DError(f"{folder} is not a model folder: it has no config.json. Point s2d at the folder that "
-                       "holds config.json and the safetensors weights")
+                       "holds config.json and the safetensors weights, or at a .gguf file")
     try:
         config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except Exception as err:  # transformers raises ValueError, KeyError, OSError or JSONDecodeError here
@@ -152,6 +152,33 @@ def pretrained_model(model_class, folder: Path, trust_remote_code: bool, *, allo
                        "out would be randomly initialized, so s2d refuses the folder: re-create it from a complete "
                        "checkpoint")
     return model
+
+
+def pretrained_gguf(path: Path, dtype, **config):
+    """(model, tokenizer) from a GGUF file through transformers' GGUF reader, every tensor dequantized; `config`
+    overrides fields of the config the reader rebuilds from the file's metadata.
+
+    A GGUF holds tensors and metadata, never code or pickles, so no remote code is asked for and nothing runs.
+    A tensor the model needs and the file lacks is an error, as in `pretrained_model`, not a random init.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path).resolve()  # an absolute gguf_file: transformers would otherwise look in the working folder
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=str(path), dtype=dtype,
+                                                           trust_remote_code=False, output_loading_info=True,
+                                                           **config)
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=str(path), trust_remote_code=False)
+    except S2DError:
+        raise
+    except Exception as err:  # ValueError, KeyError, OSError, struct.error: a file transformers cannot read
+        raise S2DError(f"cannot load {path} with transformers' GGUF reader: {err}. The file may be truncated or "
+                       "corrupt: copy or convert it again") from err
+    missing = list(info.get("missing_keys", []))
+    if missing:
+        raise S2DError(f"{path} lacks tensors the model needs ({_few(missing)}); s2d does not fill them with random "
+                       "values: convert the model again")
+    return model, tokenizer
 
 
 def _few(keys: list[str], n: int = 3) -> str:

@@ -52,6 +52,7 @@ def load_model(
 
     hf_logging.disable_progress_bar()  # s2d shows its own progress; per-tensor load bars are noise
     spec_str = str(spec)
+    source = None
     if spec_str == "smollm2-135m":
         model, tok = _load_smollm2(dtype)
     elif spec_str == "minilm-l6":
@@ -65,12 +66,21 @@ def load_model(
 
         model, tok = scratch_model(spec_str.split(":", 1)[1], dtype=dtype)
     elif Path(spec_str).expanduser().exists():
-        model, tok = _load_folder(Path(spec_str).expanduser(), dtype, trust_remote_code, head, num_labels, restore)
+        from s2d.assets.gguf_file import find_gguf
+
+        path = Path(spec_str).expanduser()
+        if (gguf := find_gguf(path)) is not None:
+            model, tok, source = _load_gguf(gguf, dtype, head, num_labels)
+        else:
+            model, tok = _load_folder(path, dtype, trust_remote_code, head, num_labels, restore)
     else:
         known = ", ".join(MODELS)
-        raise S2DError(f"unknown model {spec_str!r}: use one of {known}, or the path of a local HF model folder")
+        raise S2DError(f"unknown model {spec_str!r}: use one of {known}, the path of a local HF model folder or of "
+                       "a .gguf file")
     check_finite(model, spec_str)
     model.eval()
+    if source is not None:
+        model.s2d_source = source  # what the run folders record as the model's origin (commands.load.source_of)
     return model.to(device), tok
 
 
@@ -139,6 +149,28 @@ def _damaged_folder_is_an_error(folder: Path, fn, *args):
     except Exception as err:
         raise S2DError(f"cannot load the model in {folder}: {err}. A file may be truncated or corrupt: re-create "
                        "the folder with the command that wrote it") from err
+
+
+def _load_gguf(path: Path, dtype: torch.dtype, head: str | None, num_labels: int | None):
+    """(model, tokenizer, source record) of a GGUF file, through its cached safetensors folder (s2d.assets.gguf_file):
+    converted on first use, and again whenever the file has changed since."""
+    from s2d.assets import gguf_file
+
+    folder = gguf_file.cache_dir(path)
+    stamp = gguf_file.stamp(path)  # taken first: a file that changes during the conversion is converted again
+    record = gguf_file.manifest(folder)
+    if record is not None and all(record.get(k) == v for k, v in stamp.items()):
+        try:
+            model, tok = _load_folder(folder, dtype, False, head, num_labels)
+            return model, tok, gguf_file.source_record(path, record)
+        except Exception as err:  # a corrupt cache is rebuilt, never fatal
+            log.warning("the cached conversion of %s at %s is unreadable (%s); converting again", path, folder, err)
+    elif record is not None:
+        log.info("%s changed since it was converted; converting it again", path)
+    header = gguf_file.read_header(path)
+    record = gguf_file.convert(path, folder, header, stamp)
+    model, tok = _load_folder(folder, dtype, False, head, num_labels)
+    return model, tok, gguf_file.source_record(path, record)
 
 
 def check_finite(model, source: str) -> None:

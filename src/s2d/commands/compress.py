@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from s2d.commands.load import load_model
+from s2d.commands.load import load_model, source_of
 from s2d.lowrank.api import CompressionReport, compress, compress_folder, peak_rss_mb
 from s2d.lowrank.config import LowRankConfig
 from s2d.report.lowrank import ranks_figure, report_markdown
@@ -68,7 +68,7 @@ def _compress_into(run, model_spec: str, config: LowRankConfig, eval_tasks: tupl
     trials = (compression.get("search") or {}).pop("trials", None)
     if trials is not None:
         run.write_bytes("search_trials.json", _json(trials))
-    metrics = {"model": str(model_spec), "compression": compression, "eval": results,
+    metrics = {"model": str(model_spec), **source_of(model), "compression": compression, "eval": results,
                "peak_rss_mb_process": peak_rss_mb(),
                "units": {"seconds": "wall-clock seconds of the compression", "peak_rss_mb": "MiB (ru_maxrss)",
                          "macs": "multiply-accumulates per token in the block Linears"}}

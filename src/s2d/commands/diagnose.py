@@ -6,7 +6,7 @@ import dataclasses
 from pathlib import Path
 
 from s2d.arch import describe
-from s2d.commands.load import load_model
+from s2d.commands.load import load_model, source_of
 from s2d.diagnose import DiagnoseConfig, diagnose
 from s2d.errors import S2DError
 from s2d.report.compare import rank, write_compare_report
@@ -22,7 +22,7 @@ def run_diagnose(model_spec: str, config: DiagnoseConfig, out: str | Path, trust
                    argv=argv) as run:
         model, processor = load_model(model_spec, trust_remote_code=trust_remote_code)
         result = diagnose(model, processor, config)
-        run.write_metrics(dict(result, model=model_spec))
+        run.write_metrics(dict(result, model=model_spec, **source_of(model)))
         write_report(run, result, model_spec, run.command_line(f"diagnose {model_spec}"))
     return result, run
 

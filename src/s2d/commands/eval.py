@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from s2d.commands.load import load_model
+from s2d.commands.load import load_model, source_of
 from s2d.eval.suite import EvalConfig, evaluate
 from s2d.report.eval import report_markdown
 from s2d.runs import RunFolder
@@ -18,7 +18,7 @@ def run_eval(model_spec: str, config: EvalConfig, out: str | Path, trust_remote_
                    argv=argv) as run:
         model, tokenizer = load_model(model_spec, trust_remote_code=trust_remote_code)
         results = evaluate(model, tokenizer, config)
-        metrics = {"model": str(model_spec), "tasks": results,
+        metrics = {"model": str(model_spec), **source_of(model), "tasks": results,
                    "units": {"ppl": "exp(mean NLL per scored token)", "nll_mean": "nats per token",
                              "acc": "fraction", "seconds": "wall-clock seconds",
                              "ss, lms, icat, pct_stereotype": "percent (0-100); *_ci95: bootstrap 95% interval",

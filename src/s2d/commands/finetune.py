@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from s2d.commands.load import load_model
+from s2d.commands.load import load_model, source_of
 from s2d.commands.tasks import make_task
 from s2d.io import atomic_dir, nbytes
 from s2d.report.curves import plot_curve
@@ -69,7 +69,8 @@ def _write(run: RunFolder, model, tokenizer, config: TrainConfig, result: TrainR
         "max_abs_act": plot_curve(result.history, "max_abs_act", run.figure_path("max_abs_act.png"),
                                   "max |x| in the residual stream (training batch)", log=True),
     }
-    metrics = {"model": model_spec, "task": config.task, "reg": config.reg, "reg_config": config.reg_config,
+    metrics = {"model": model_spec, **source_of(model), "task": config.task, "reg": config.reg,
+               "reg_config": config.reg_config,
                "qat": config.qat,
                "steps": result.steps, "seconds": result.seconds, "resumed_from": result.resumed_from,
                "history": result.history, "evals": result.evals,

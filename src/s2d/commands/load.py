@@ -30,5 +30,13 @@ def _restore(folder: Path, config, model_class, dtype, load_plain):
 
 
 def load_model(spec, **kwargs):
-    """(model, tokenizer or processor) for a name, `tiny:<family>`, a local HF folder or an s2d output folder."""
+    """(model, tokenizer or processor) for a name, `tiny:<family>`, a local HF folder, a .gguf file or an s2d
+    output folder."""
     return models.load_model(spec, restore=_restore, **kwargs)
+
+
+def source_of(model) -> dict:
+    """{"source": ...} for a run's metrics.json when the model was converted from a file on load (a GGUF: its
+    path, architecture and tensor types, e.g. {"Q4_1": 210, "F32": 61}); {} otherwise."""
+    record = getattr(model, "s2d_source", None)
+    return {"source": record} if record else {}

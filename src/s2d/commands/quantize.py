@@ -230,12 +230,13 @@ def run_quantize(model_spec: str, config: QuantRunConfig, out: str | Path, save_
 def _quantize_into(run, model_spec: str, config: QuantRunConfig, eval_config, save_model: bool, progress: bool,
                    trust_remote_code: bool) -> dict:
     from s2d.assets import calibration_batch, wiki_text
-    from s2d.commands.load import load_model
+    from s2d.commands.load import load_model, source_of
     from s2d.eval.suite import evaluate
     from s2d.runs import check_metrics
 
     sweep = len(config.schemes) * len(config.methods) > 1
     model, tokenizer = load_model(model_spec, trust_remote_code=trust_remote_code)
+    source = source_of(model)  # a .gguf: its architecture and tensor types
     for scheme in config.schemes:  # before any evaluation: rotation support, group sizes, low-rank pairs
         for method in config.methods:
             check_recipe(model, method)
@@ -280,9 +281,10 @@ def _quantize_into(run, model_spec: str, config: QuantRunConfig, eval_config, sa
 
                 save_quantized(model, run.path / "model", tokenizer, qconfig)
             model = None  # quantization is in place: the next cell starts from a fresh copy
-            run.write_metrics({"model": str(model_spec), "results": rows, "eval_config": eval_config.to_dict(),
-                               "complete": False})
-    metrics = {"model": str(model_spec), "results": rows, "eval_config": eval_config.to_dict(), "complete": True}
+            run.write_metrics({"model": str(model_spec), **source, "results": rows,
+                               "eval_config": eval_config.to_dict(), "complete": False})
+    metrics = {"model": str(model_spec), **source, "results": rows, "eval_config": eval_config.to_dict(),
+               "complete": True}
     run.write_metrics(metrics)
     from s2d.report.quant import write_quant_report
 

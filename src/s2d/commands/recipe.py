@@ -56,6 +56,10 @@ def _config_class(kind: str):
         from s2d.diagnose import DiagnoseConfig
 
         return DiagnoseConfig
+    if kind == "export":
+        from s2d.export.gguf import ExportConfig
+
+        return ExportConfig
     return None
 
 
@@ -83,7 +87,7 @@ class Stage:
     index: int
     kind: str
     options: dict  # as written, with the cell's sweep values filled in
-    config: Any = None  # the validated config dataclass (None for export)
+    config: Any = None  # the validated config dataclass
     extras: dict = field(default_factory=dict)  # compress: eval, limit, ppl_tokens, merge
     line: int | None = None
     swept: dict = field(default_factory=dict)  # this stage's sweep values in this cell
@@ -95,8 +99,6 @@ class Stage:
             out["config"] = _plain(self.config.to_dict())
         if self.extras:
             out["extras"] = _plain(self.extras)
-        if self.kind == "export":
-            out["options"] = _plain(self.options)
         return out
 
 
@@ -189,7 +191,7 @@ def parse_recipe(text: str, path: Path | None = None) -> Recipe:
         known = known_options(kind)
         option_lines = lines["options"][i] if i < len(lines["options"]) else {}
         for key in [*options, *sweep]:
-            if kind != "export" and key not in known:
+            if key not in known:
                 raise S2DError(f"{where}{_at(option_lines.get(key, line))}: stage {i} ({kind}): unknown option "
                                f"{key!r}; known: {', '.join(known)}")
         both = sorted(set(options) & set(sweep))
@@ -216,8 +218,6 @@ def build_stage(index: int, kind: str, options: dict, seed: int | None, line: in
     """The stage's config from its options, by the same `Config.from_dict` and `validate` as its subcommand."""
     name = f"{where}{_at(line)}: stage {index} ({kind})"
     stage = Stage(index, kind, options, line=line, swept=dict(swept or {}))
-    if kind == "export":
-        return stage
     data = dict(options)
     if seed is not None and "seed" not in data:
         data["seed"] = seed
@@ -291,7 +291,12 @@ def check_order(stages: list[Stage], model: str, where: str = "recipe", cell: st
     state = model_state(model)
     for s in stages:
         name = f"{where}{_at(s.line)}: stage {s.index} ({s.kind}){cell}"
-        if s.kind == "finetune":
+        if state == "exported":
+            raise S2DError(f"{name} cannot follow an export stage: export writes a GGUF file, not a folder the next "
+                           "stage can read; make export the last stage")
+        if s.kind == "export":
+            state = "exported"
+        elif s.kind == "finetune":
             if state == "quantized":
                 raise S2DError(f"{name} cannot follow a quantize stage: the quantized model's weights sit on an "
                                "integer grid. Fine-tune before quantizing, or train with `qat: W4A4`")

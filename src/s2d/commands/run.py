@@ -190,10 +190,10 @@ def run_stage(stage: Stage, model: str, path: Path, mode: str, trust_remote_code
         from s2d.commands.diagnose import run_diagnose
 
         run_diagnose(model, stage.config, path, **common)
-    elif stage.kind == "export":  # wired when s2d.commands.export exists (see recipe.export_available)
+    elif stage.kind == "export":
         from s2d.commands import export
 
-        export.run_export(model, path, **stage.options, **common)
+        export.run_export(model, stage.config, path, **common)
     else:
         raise S2DError(f"unknown stage {stage.kind!r}")
 
