@@ -41,12 +41,14 @@ def _scratch_configs():
     from transformers import ViTConfig
 
     # A small ViT for pre-training on Fashion-MNIST here: 16 patches of 7x7, d=128, 6 blocks (~1.2M parameters).
-    return {"vit-fmnist": ("ViTForImageClassification",
-                           ViTConfig(hidden_size=128, intermediate_size=512, num_hidden_layers=6, num_attention_heads=4,
-                                     image_size=28, patch_size=7, num_channels=1, num_labels=10))}
+    # vit-fmnist-deep doubles the depth (12 blocks, ~2.4M): outliers grow with depth (bench/exp_vit_static.py).
+    shape = dict(hidden_size=128, intermediate_size=512, num_attention_heads=4, image_size=28, patch_size=7,
+                 num_channels=1, num_labels=10)
+    return {"vit-fmnist": ("ViTForImageClassification", ViTConfig(**shape, num_hidden_layers=6)),
+            "vit-fmnist-deep": ("ViTForImageClassification", ViTConfig(**shape, num_hidden_layers=12))}
 
 
-SCRATCH_MODELS = ("vit-fmnist",)
+SCRATCH_MODELS = ("vit-fmnist", "vit-fmnist-deep")
 
 
 def scratch_model(name: str, *, dtype: torch.dtype = torch.float32, seed: int = TINY_SEED):

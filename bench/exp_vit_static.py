@@ -1,0 +1,236 @@
+"""The ViT arm in the per-tensor static regime: a deeper ViT pre-trained (with and without S2D) until its outliers
+cost per-tensor static PTQ accuracy, then AdamW against AdamW+S2D fine-tunes over seeds (issue 21, items 2-4, 6).
+
+Why this pre-training. S2D cuts the largest activations, which only matters where the largest activation sets the
+step for every token: per-tensor static activation scales. bench/exp_vit.py's ViT (6 blocks, d=128, 20 epochs at
+lr 1e-3) reached max |x| 31 and lost 0.4 points at per-token W4A4: nothing to recover. Here the same seeded scratch
+family is made deeper and trained harder, the three levers the outlier literature ties to outlier growth at no
+change of data: depth (`scratch:vit-fmnist-deep`, 12 blocks instead of 6 at the same d=128: massive activations
+appear after the first blocks and grow with depth, Sun et al. 2024), a 2× higher peak learning rate (2e-3; outlier
+features grow with the learning rate, He et al. 2024), and a longer schedule (30 epochs instead of 20; outliers grow
+with training, Bondarenko et al. 2023, whose ViT outliers sit on no-op attention to background patches, which
+Fashion-MNIST's blank borders supply), with no weight decay (decay holds weights, and so outliers, down). Width was
+not raised: it costs as much as depth and is not what these papers find outliers grow with. The 16-token patching is
+kept, so a step costs about 2× the 6-block model's.
+
+Stages (each writes its own folder under --root; a folder with metrics.json is not trained again and one with
+ptq.json / curve.json is not measured again; `s2d finetune --resume` continues from the last checkpoint):
+1. `pretrain-long`: `s2d finetune scratch:vit-fmnist-deep` with AdamW, keeping every checkpoint
+   (--curve-points of them, via `pretrain.yaml`'s keep_checkpoints); `curve.json` measures each kept checkpoint:
+   max |x| of the residual stream and of the quantized Linears' inputs on the calibration images, and FP and
+   per-tensor static W6A6 / W4A4 accuracy, with and without ln_reparam;
+2. `selection.json`: S2D's τ chosen on `pretrain-long` (bench/exp_vit.py's select_tau);
+3. `pretrain-long-s2d`: the same pre-training (same init, same batches) with `--reg s2d` from step 0, the same
+   measurements;
+4. `ft-adamw-s<seed>`, `ft-s2d-s<seed>`: fine-tunes of `pretrain-long` (one epoch at --ft-lr, bench/exp_vit.py's
+   recipe and S2D options);
+5. `ptq.json` in every model's folder: FP, and W8A8 / W6A6 / W5A5 / W4A4 with per-tensor static activation scales
+   (min-max observer, calibrated on the first 32 training images) with and without ln_reparam, and per-token
+   dynamic W4A4 as the control (s2d.experiments.vit_static.CELLS).
+QAT with static scales is not run: `s2d finetune --qat` only simulates the scheme's per-token dynamic defaults.
+The table, the plain-words answer and the figure are s2d.experiments.vit_static's, read from the run folders.
+
+Usage: python bench/exp_vit_static.py [--root runs/exp-vit-static] [--epochs 30] [--lr 2e-3] [--seeds 0 1 2]
+           [--n-test 10000] [--table] [--smoke]
+       --smoke runs every stage at a tiny size (runs/exp-vit-static-smoke) to check the pipeline in minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+from exp_vit import BATCH, PRETRAIN_SEED, finetune, run, select_tau
+
+from s2d.experiments.vit import S2D
+from s2d.experiments.vit_static import CALIB, CELLS, CURVE_CELLS, figure, quant_config, report
+
+MODEL = "scratch:vit-fmnist-deep"
+# What a resumed root must share with the run that started it (the rest, seeds and test images, may change).
+FIXED = ("model", "steps_per_epoch", "epochs", "lr", "ft_lr", "curve_points", "calib")
+
+
+def pretrain(root: Path, name: str, steps: int, lr: float, points: int, extra: list[str]) -> list[str]:
+    every = math.ceil(steps / points)
+    return ["s2d", "finetune", MODEL, "--task", "image", "--image-data", "fashion-mnist", "--steps", str(steps),
+            "--batch-size", str(BATCH), "--lr", str(lr), "--weight-decay", "0", "--warmup", str(min(200, steps // 4)),
+            "--seed", str(PRETRAIN_SEED), "--eval-every", "0", "--checkpoint-every", str(every),
+            "--config", str(root / "pretrain.yaml"), *extra, "--resume", "--out", str(root / name)]
+
+
+class Data:
+    """The test images (first n_test) and the calibration images (first CALIB training images), loaded once."""
+
+    def __init__(self, n_test: int):
+        from s2d.assets import load_fashion_mnist
+
+        self.test = load_fashion_mnist("test")
+        self.test = (self.test[0][:n_test], self.test[1][:n_test])
+        self.train_images = load_fashion_mnist("train")[0]
+
+    def batches(self, model) -> tuple[dict, dict]:
+        from s2d.assets import pixel_values
+
+        cfg = model.config
+        size, ch = int(cfg.image_size), int(cfg.num_channels)
+        test = {"pixel_values": pixel_values(self.test[0].float() / 255, size, ch), "labels": self.test[1]}
+        calib = {"pixel_values": pixel_values(self.train_images[:CALIB].float() / 255, size, ch)}
+        return test, calib
+
+
+@torch.no_grad()
+def activation_maxima(model, pixels: torch.Tensor) -> dict:
+    """max |x| over the blocks' outputs (residual stream) and over the quantized Linears' inputs, by role."""
+    from s2d.arch import describe
+
+    desc = describe(model)
+    residual, inputs = [0.0], {}
+
+    def block_hook(module, args, output):
+        out = output[0] if isinstance(output, tuple) else output
+        residual[0] = max(residual[0], float(out.abs().max()))
+
+    def linear_hook(role):
+        def hook(module, args):
+            inputs[role] = max(inputs.get(role, 0.0), float(args[0].abs().max()))
+        return hook
+
+    handles = [b.module.register_forward_hook(block_hook) for b in desc.blocks]
+    handles += [lin.module.register_forward_pre_hook(linear_hook(lin.role)) for lin in desc.linears()]
+    try:
+        model(pixel_values=pixels)
+    finally:
+        for h in handles:
+            h.remove()
+    return {"residual": residual[0], "linear_input": max(inputs.values()), "by_role": inputs}
+
+
+@torch.no_grad()
+def measure(model, data: Data, cells: tuple[str, ...]) -> dict:
+    """Test accuracy of the FP model and of each cell's PTQ copy, with max |x| on the calibration images."""
+    from s2d.eval import classification_accuracy
+    from s2d.quant import quantize
+
+    model.eval()
+    test, calib = data.batches(model)
+    t0 = time.perf_counter()
+    out = {"n_test": len(test["labels"]), "calib": CALIB, "max_abs": activation_maxima(model, calib["pixel_values"]),
+           "FP": classification_accuracy(model, test), "configs": {}}
+    for cell in cells:
+        if cell == "FP":
+            continue
+        config = quant_config(cell)
+        q = quantize(copy.deepcopy(model), config, calib=calib, progress=False)
+        out[cell] = classification_accuracy(q, test)
+        out["configs"][cell] = config.to_dict()
+    out["seconds"] = time.perf_counter() - t0
+    return out
+
+
+def measure_model(folder: Path, data: Data) -> None:
+    from s2d.assets import load_model
+    from s2d.io import atomic_write_json
+
+    if not (folder / "ptq.json").is_file():
+        model, _ = load_model(str(folder / "model"))
+        atomic_write_json(folder / "ptq.json", measure(model, data, CELLS))
+
+
+def measure_curve(folder: Path, data: Data) -> None:
+    """curve.json: the CURVE_CELLS measurements of every kept checkpoint, each written as it is done."""
+    from safetensors.torch import load_model as load_weights
+
+    from s2d.assets import load_model
+    from s2d.experiments.record import setting
+    from s2d.io import atomic_write_json
+
+    path = folder / "curve.json"
+    done = json.loads(path.read_text()) if path.is_file() else {"points": {}}
+    for ckpt in sorted((folder / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1])):
+        step = int(ckpt.name.split("-")[1])
+        if str(step) in done["points"]:
+            continue
+        model, _ = load_model(setting(folder, "model"))
+        load_weights(model, str(ckpt / "model.safetensors"))
+        done["points"][str(step)] = {"step": step, **measure(model, data, CURVE_CELLS)}
+        atomic_write_json(path, done)
+
+
+def stage(root: Path, name: str, cmd: list[str], data: Data, curve: bool = False) -> None:
+    t0 = time.perf_counter()
+    if not (root / name / "metrics.json").is_file():
+        run(cmd, root / "log.txt")
+    if curve:
+        measure_curve(root / name, data)
+    measure_model(root / name, data)
+    print(f"  {name}: done in {time.perf_counter() - t0:.0f} s", flush=True)
+
+
+def write_plan(root: Path, args: argparse.Namespace) -> None:
+    from s2d.assets import load_fashion_mnist
+    from s2d.io import atomic_write_json
+
+    plan = {"command": " ".join(["python", "bench/exp_vit_static.py", *sys.argv[1:]]), "smoke": args.smoke,
+            "model": MODEL, "steps_per_epoch": args.steps_per_epoch, "epochs": args.epochs, "lr": args.lr,
+            "ft_lr": args.ft_lr, "curve_points": args.curve_points, "calib": CALIB, "seeds": args.seeds,
+            "n_test": args.n_test, "train_images": len(load_fashion_mnist("train")[1])}
+    path = root / "plan.json"
+    if path.is_file():
+        old = json.loads(path.read_text())
+        changed = [k for k in FIXED if old.get(k) != plan[k]]
+        if changed:
+            diff = ", ".join(f"{k}: {old.get(k)} → {plan[k]}" for k in changed)
+            raise SystemExit(f"{root} was started with other settings ({diff}); rerun with those, or choose another "
+                             "--root")
+        plan["seeds"] = sorted({*old.get("seeds", []), *args.seeds})
+    atomic_write_json(path, plan)
+    (root / "pretrain.yaml").write_text("keep_checkpoints: 1000\n")  # every checkpoint is a point of the curve
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--root", type=Path, default=None, help="runs/exp-vit-static (runs/exp-vit-static-smoke with "
+                    "--smoke)")
+    ap.add_argument("--epochs", type=int, default=30, help="pre-training epochs")
+    ap.add_argument("--steps-per-epoch", type=int, default=469)  # 60,000 images / batch 128
+    ap.add_argument("--lr", type=float, default=2e-3, help="pre-training peak learning rate")
+    ap.add_argument("--ft-lr", type=float, default=3e-4, help="fine-tune learning rate (one epoch)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="fine-tune seeds (batches)")
+    ap.add_argument("--curve-points", type=int, default=8, help="checkpoints measured along each pre-training")
+    ap.add_argument("--n-test", type=int, default=10000, help="test images for accuracy (all 10,000 by default)")
+    ap.add_argument("--table", action="store_true", help="only read the run folders and print the table")
+    ap.add_argument("--smoke", action="store_true", help="every stage at a tiny size, to check the pipeline")
+    args = ap.parse_args()
+    if args.smoke:
+        args.epochs, args.steps_per_epoch, args.curve_points, args.n_test = 4, 6, 4, 200
+    root = args.root or Path("runs/exp-vit-static-smoke" if args.smoke else "runs/exp-vit-static")
+    root.mkdir(parents=True, exist_ok=True)
+    if not args.table:
+        write_plan(root, args)
+        data = Data(args.n_test)
+        spe, steps = args.steps_per_epoch, args.steps_per_epoch * args.epochs
+        stage(root, "pretrain-long", pretrain(root, "pretrain-long", steps, args.lr, args.curve_points,
+                                              ["--reg", "none"]), data, curve=True)
+        option = select_tau(root)["reg_option"]
+        s2d = [*S2D, "--reg-option", option]
+        stage(root, "pretrain-long-s2d", pretrain(root, "pretrain-long-s2d", steps, args.lr, args.curve_points, s2d),
+              data, curve=True)
+        for seed in args.seeds:  # the pre-training is shared; the seed draws the fine-tune's batches
+            for arm, extra in (("ft-adamw", ["--reg", "none"]), ("ft-s2d", s2d)):
+                name = f"{arm}-s{seed}"
+                stage(root, name, finetune(str(root / "pretrain-long" / "model"), spe, args.ft_lr, spe // 10, seed,
+                                           root / name, extra), data)
+    print(report(root))
+    path = figure(root, root / "figures" / "vit-static-curve.png")
+    if path is not None:
+        print(f"\nfigure: {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,349 @@
+"""The ViT arm in the per-tensor static regime, read back (bench/exp_vit_static.py runs the stages).
+
+S2D shrinks the largest activations; that can only help quantization where the largest activation sets the step of
+every token: per-tensor static activation scales (RepQ-ViT's regime). The root holds
+- `plan.json`: the script's command line and sizes (steps per epoch, training images, calibration images);
+- `pretrain-long` (AdamW) and `pretrain-long-s2d` (AdamW+S2D from step 0), the same seeded deeper scratch ViT and
+  batches, each a finetune run folder with `curve.json` (per kept checkpoint: max |x| on the calibration images
+  and the FP and per-tensor static PTQ accuracies) and `ptq.json` (every cell of CELLS on the final model);
+- `selection.json`: S2D's τ, chosen on `pretrain-long` before any S2D run (bench/exp_vit.py's rule);
+- `ft-adamw-s<seed>` and `ft-s2d-s<seed>`: fine-tunes of `pretrain-long`, each with `ptq.json`.
+Accuracies in the JSON are fractions; the tables show percentage points. Nothing here is typed in by hand
+except PAPER, the published numbers printed beside ours as theirs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+
+from s2d.experiments.record import MissingSetting, setting
+
+PTQ_SCHEMES = ("W8A8", "W6A6", "W5A5", "W4A4")
+CELLS = ("FP", *[f"{s} static{r}" for s in PTQ_SCHEMES for r in ("", "+reparam")], "W4A4 dynamic")
+CURVE_CELLS = ("FP", "W6A6 static", "W6A6 static+reparam", "W4A4 static", "W4A4 static+reparam")
+PRETRAINS = {"pretrain-long": "AdamW", "pretrain-long-s2d": "AdamW+S2D"}
+ARMS = ("ft-adamw", "ft-s2d")
+CALIB = 32  # training images the static scales (and ln_reparam's channel ranges) are calibrated on
+TARGET_GAIN, TARGET_GAP = 3.0, 5.0  # points: S2D − AdamW wanted at a static cell where AdamW loses this much to FP
+
+# The paper's numbers (SigLIP2-B, ImageNet-1k top-1, AdamW → AdamW+S2D), printed beside the nearest of our cells as
+# theirs: RepQ-ViT and ERQ reparameterize the norms before per-tensor static scales (our static+reparam), PTQ4ViT
+# does not (our static).
+PAPER = {"FP": ("FP", 85.0, 85.0), "W6A6 static+reparam": ("RepQ-ViT W6A6", 58.5, 80.0),
+         "W5A5 static+reparam": ("RepQ-ViT W5A5", 46.0, 78.0), "W5A5 static": ("PTQ4ViT W5A5", 3.4, 62.0),
+         "W4A4 static+reparam": ("ERQ W4A4", 65.6, 73.0)}
+QAT_NOTE = ("QAT W4A4 with per-tensor static scales is not run: `s2d finetune --qat` trains with the scheme's "
+            "defaults only (QuantConfig.from_scheme: per-token dynamic activation scales), and its FakeQuantLinear has "
+            "no calibrated static scale.")
+
+
+def quant_config(cell: str):
+    """The QuantConfig of a cell name: "<scheme> static[+reparam]" (per-tensor static, min-max observer) or
+    "<scheme> dynamic" (per-token dynamic, the scheme's defaults); per-channel RTN weights throughout."""
+    from s2d.quant import QuantConfig
+
+    scheme, kind = cell.split(" ", 1)
+    if kind == "dynamic":
+        return QuantConfig.from_scheme(scheme)
+    return QuantConfig.from_scheme(scheme, a_static=True, a_granularity="per_tensor", a_observer="minmax",
+                                   ln_reparam=kind.endswith("+reparam"))
+
+
+def _json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def plan(root: Path) -> dict:
+    p = _json(root / "plan.json")
+    if p is None:
+        raise MissingSetting(f"{root / 'plan.json'} is missing (the script writes it first)")
+    return p
+
+
+def arm_runs(root: Path) -> dict[str, dict[int, dict]]:
+    """Arm -> seed -> ptq.json, for the fine-tunes that have one."""
+    out: dict[str, dict[int, dict]] = {arm: {} for arm in ARMS}
+    for arm in ARMS:
+        for p in root.glob(f"{arm}-s[0-9]*"):
+            if (p / "ptq.json").is_file() and p.name.rsplit("-s", 1)[1].isdigit():
+                out[arm][int(p.name.rsplit("-s", 1)[1])] = json.loads((p / "ptq.json").read_text())
+    return {arm: dict(sorted(runs.items())) for arm, runs in out.items()}
+
+
+def t_interval(values: list[float]) -> tuple[float, float]:
+    """Mean and the half-width of its 95% Student-t interval (nan for one value)."""
+    from scipy.stats import t
+
+    if len(values) < 2:
+        return values[0], float("nan")
+    return statistics.mean(values), t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
+
+
+def summary(root: Path) -> dict:
+    """Per cell: each arm's per-seed accuracies (points), mean and SD; the paired S2D − AdamW differences over the
+    seeds both arms finished, with their mean and 95% t half-width; AdamW's mean gap to FP."""
+    runs = arm_runs(root)
+    paired_seeds = sorted(set(runs["ft-adamw"]) & set(runs["ft-s2d"]))
+    cells: dict[str, dict] = {}
+    for cell in CELLS:
+        entry: dict = {}
+        for arm in ARMS:
+            vals = [100 * r[cell] for r in runs[arm].values() if r.get(cell) is not None]
+            entry[arm] = {"values": vals, "mean": statistics.mean(vals) if vals else None,
+                          "sd": statistics.stdev(vals) if len(vals) > 1 else None}
+        diffs = [100 * (runs["ft-s2d"][s][cell] - runs["ft-adamw"][s][cell]) for s in paired_seeds
+                 if runs["ft-s2d"][s].get(cell) is not None and runs["ft-adamw"][s].get(cell) is not None]
+        entry["diffs"] = diffs
+        entry["diff"], entry["half"] = t_interval(diffs) if diffs else (None, None)
+        gaps = [100 * (r["FP"] - r[cell]) for r in runs["ft-adamw"].values() if r.get(cell) is not None]
+        entry["adamw_gap"] = statistics.mean(gaps) if gaps else None
+        cells[cell] = entry
+    return {"seeds": {arm: list(runs[arm]) for arm in ARMS}, "paired_seeds": paired_seeds, "cells": cells}
+
+
+def _pm(mean: float | None, sd: float | None) -> str:
+    if mean is None:
+        return "-"
+    return f"{mean:.2f}" + (f" ± {sd:.2f}" if sd is not None else "")
+
+
+def _ci(diff: float | None, half: float | None) -> str:
+    if diff is None:
+        return "-"
+    if half is None or half != half:
+        return f"{diff:+.2f} (one seed)"
+    return f"{diff:+.2f} [{diff - half:+.2f}, {diff + half:+.2f}]"
+
+
+def table(root: Path) -> str:
+    """The arm: per cell, each arm's mean ± SD over seeds, the paired difference with its 95% t-interval, AdamW's
+    gap to FP, and the paper's numbers (theirs) beside the nearest cell."""
+    from s2d.report import md_table
+
+    s = summary(root)
+    n = {arm: len(v) for arm, v in s["seeds"].items()}
+    rows = []
+    for cell, e in s["cells"].items():
+        paper = PAPER.get(cell)
+        rows.append([cell, _pm(e["ft-adamw"]["mean"], e["ft-adamw"]["sd"]), _pm(e["ft-s2d"]["mean"], e["ft-s2d"]["sd"]),
+                     _ci(e["diff"], e["half"]), "-" if cell == "FP" or e["adamw_gap"] is None else
+                     f"{e['adamw_gap']:.2f}",
+                     f"{paper[0]}: {paper[1]:g} → {paper[2]:g}" if paper else ""])
+    return md_table(["cell (test acc, %)", f"AdamW (mean ± SD, {n['ft-adamw']} seeds)",
+                     f"AdamW+S2D (mean ± SD, {n['ft-s2d']} seeds)",
+                     f"S2D − AdamW [95% t-interval, {len(s['paired_seeds'])} paired seeds]", "AdamW gap to FP",
+                     "paper, theirs (SigLIP2-B ImageNet, AdamW → S2D)"], rows)
+
+
+def pretrain_table(root: Path) -> str:
+    """The two pre-trainings' final models: steps, max |x| and every cell (one run each, no interval)."""
+    from s2d.report import md_table
+
+    rows = []
+    for name, label in PRETRAINS.items():
+        p = _json(root / name / "ptq.json")
+        m = _json(root / name / "metrics.json")
+        if p is None or m is None:
+            continue
+        rows.append([f"{name} ({label})", m["steps"], p["max_abs"]["residual"], p["max_abs"]["linear_input"],
+                     *[100 * p[c] for c in CELLS], round(m["seconds"])])
+    return md_table(["pre-training", "steps", "residual max |x|", "Linear-input max |x|", *CELLS, "train s"], rows)
+
+
+def curve(root: Path, name: str) -> list[dict]:
+    """curve.json's points in step order (each: step, max_abs, and the CURVE_CELLS accuracies)."""
+    c = _json(root / name / "curve.json")
+    return sorted(c["points"].values(), key=lambda p: p["step"]) if c else []
+
+
+def curve_table(root: Path) -> str:
+    from s2d.report import md_table
+
+    rows = []
+    for name, label in PRETRAINS.items():
+        for p in curve(root, name):
+            rows.append([label, p["step"], p["max_abs"]["residual"], p["max_abs"]["linear_input"],
+                         100 * p["FP"], *[100 * (p["FP"] - p[c]) for c in CURVE_CELLS[1:]]])
+    return md_table(["pre-training", "step", "residual max |x|", "Linear-input max |x|", "FP acc %",
+                     *[f"FP − {c} (points)" for c in CURVE_CELLS[1:]]], rows)
+
+
+def _beyond(e: dict) -> int:
+    """+1 if the paired difference's 95% interval lies above 0, -1 if below, 0 if it holds 0 or there is none."""
+    if e["diff"] is None or e["half"] is None or e["half"] != e["half"]:
+        return 0
+    return 1 if e["diff"] - e["half"] > 0 else -1 if e["diff"] + e["half"] < 0 else 0
+
+
+def reading(root: Path) -> list[str]:
+    """The plain-words answer, generated from the summary: where S2D beats AdamW beyond the interval, by how much,
+    at what FP cost, whether the target was reached, then what the pre-trainings show."""
+    s = summary(root)
+    cells, lines = s["cells"], []
+    n = len(s["paired_seeds"])
+    if n:
+        fp, quantized = cells["FP"], {c: e for c, e in cells.items() if c != "FP" and e["diff"] is not None}
+        beats = [c for c, e in quantized.items() if _beyond(e) > 0]
+        loses = [c for c, e in quantized.items() if _beyond(e) < 0]
+        if n < 2:
+            lines.append("One paired seed only: no interval, so no cell can be called beyond it.")
+        elif beats:
+            lines.append("S2D beats AdamW beyond the 95% interval at " + "; ".join(
+                f"{c} by {_ci(quantized[c]['diff'], quantized[c]['half'])} points (AdamW's gap to FP "
+                f"{quantized[c]['adamw_gap']:.2f})" for c in beats) + f", over {n} paired seeds.")
+        else:
+            lines.append(f"S2D does not beat AdamW beyond the 95% interval at any quantized cell ({n} paired seeds).")
+        if loses:
+            lines.append("S2D is worse than AdamW beyond the interval at " + "; ".join(
+                f"{c} ({_ci(quantized[c]['diff'], quantized[c]['half'])})" for c in loses) + ".")
+        adamw, s2d = fp["ft-adamw"], fp["ft-s2d"]
+        lines.append(f"The FP cost of S2D: {_ci(fp['diff'], fp['half'])} points (AdamW FP "
+                     f"{_pm(adamw['mean'], adamw['sd'])}, S2D {_pm(s2d['mean'], s2d['sd'])}).")
+        static = {c: e for c, e in quantized.items() if "static" in c and e["adamw_gap"] is not None}
+        big = {c: e for c, e in static.items() if e["adamw_gap"] >= TARGET_GAP}
+        hit = [c for c, e in big.items() if e["diff"] >= TARGET_GAIN and _beyond(e) > 0]
+        target = (f"Target (S2D ≥ +{TARGET_GAIN:g} points, beyond the interval, at a per-tensor static cell where "
+                  f"AdamW loses ≥ {TARGET_GAP:g} points to FP): ")
+        if not big:
+            largest = max(static.items(), key=lambda ce: ce[1]["adamw_gap"], default=None)
+            lines.append(target + "not testable here: no static cell costs AdamW that much"
+                         + (f" (largest gap {largest[1]['adamw_gap']:.2f}, {largest[0]})." if largest else "."))
+        elif hit:
+            lines.append(target + "reached at " + ", ".join(
+                f"{c} ({_ci(big[c]['diff'], big[c]['half'])}, AdamW gap {big[c]['adamw_gap']:.2f})" for c in hit) + ".")
+        else:
+            lines.append(target + "not reached; where AdamW loses that much: " + ", ".join(
+                f"{c} (gap {e['adamw_gap']:.2f}, S2D − AdamW {_ci(e['diff'], e['half'])})" for c, e in big.items())
+                + ".")
+        dyn = cells["W4A4 dynamic"]
+        if dyn["adamw_gap"] is not None:
+            lines.append(f"Control, per-token dynamic W4A4: AdamW loses {dyn['adamw_gap']:.2f} points to FP; S2D − "
+                         f"AdamW {_ci(dyn['diff'], dyn['half'])}.")
+    pre = {name: (_json(root / name / "ptq.json"), _json(root / name / "metrics.json")) for name in PRETRAINS}
+    if all(p and m for p, m in pre.values()):
+        (pa, ma), (ps, _) = pre["pretrain-long"], pre["pretrain-long-s2d"]
+        worst = max(CELLS[1:-1], key=lambda c: pa["FP"] - pa[c])
+        lines.append(f"Pre-training with S2D from step 0 against AdamW ({ma['steps']:,} steps each, one run): "
+                     f"Linear-input max |x| {pa['max_abs']['linear_input']:.3g} → "
+                     f"{ps['max_abs']['linear_input']:.3g}, "
+                     f"residual max |x| {pa['max_abs']['residual']:.3g} → {ps['max_abs']['residual']:.3g}; FP "
+                     f"{100 * pa['FP']:.2f} → {100 * ps['FP']:.2f}; at AdamW's worst static cell, {worst}, "
+                     f"{100 * pa[worst]:.2f} → {100 * ps[worst]:.2f}.")
+    for name, label in PRETRAINS.items():
+        pts = curve(root, name)
+        if len(pts) >= 2:
+            a, b = pts[0], pts[-1]
+            lines.append(f"{label} pre-training, step {a['step']:,} → {b['step']:,}: Linear-input max |x| "
+                         f"{a['max_abs']['linear_input']:.3g} → {b['max_abs']['linear_input']:.3g}; FP − W4A4 static "
+                         f"{100 * (a['FP'] - a['W4A4 static']):.2f} → {100 * (b['FP'] - b['W4A4 static']):.2f} points, "
+                         f"FP − W6A6 static {100 * (a['FP'] - a['W6A6 static']):.2f} → "
+                         f"{100 * (b['FP'] - b['W6A6 static']):.2f}.")
+    return lines
+
+
+def settings(root: Path) -> dict[str, str]:
+    """What the text states, read from plan.json, the runs' config.yaml and ptq.json."""
+    p = plan(root)
+    long = root / "pretrain-long"
+    shape = _json(long / "model" / "config.json")
+    if shape is None:
+        raise MissingSetting(f"{long / 'model' / 'config.json'} is missing (the ViT's shape)")
+    fine = [f for f in root.glob("ft-*-s[0-9]*") if (f / "ptq.json").is_file()]
+    spe = p["steps_per_epoch"]
+    n_tests = sorted({json.loads((f / "ptq.json").read_text())["n_test"]
+                      for f in [*fine, *(root / n for n in PRETRAINS)] if (f / "ptq.json").is_file()})
+    q = (_json(long / "ptq.json") or {}).get("configs", {}).get("W4A4 static")
+    if q is None:
+        raise MissingSetting(f"{long / 'ptq.json'} records no W4A4 static config")
+    return {"model": setting(long, "model"), "observer": q["a_observer"],
+            "grid": "symmetric" if q["a_symmetric"] else "asymmetric",
+            "weights": q["w_granularity"].replace("_", "-"), "blocks": str(shape["num_hidden_layers"]),
+            "width": str(shape["hidden_size"]), "patch": str(shape["patch_size"]),
+            "batch": str(setting(long, "batch_size")), "lr": f"{setting(long, 'lr'):g}",
+            "weight_decay": f"{setting(long, 'weight_decay'):g}",
+            "epochs": f"{setting(long, 'steps') / spe:g}", "steps": f"{setting(long, 'steps'):,}",
+            "ft_lr": " / ".join(sorted({f"{setting(f, 'lr'):g}" for f in fine})) or "-",
+            "ft_epochs": " / ".join(sorted({f"{setting(f, 'steps') / spe:g}" for f in fine})) or "-",
+            "n_test": " / ".join(f"{n:,}" for n in n_tests), "calib": str(p["calib"]),
+            "command": p["command"], "smoke": p["smoke"]}
+
+
+def intro(s: dict[str, str]) -> str:
+    """The settings paragraph, from settings()."""
+    return (f"{'SMOKE RUN (tiny sizes, not a result). ' if s['smoke'] else ''}Pre-training: {s['model']} "
+            f"({s['blocks']} blocks, d={s['width']}, {s['patch']}×{s['patch']} patches) from its seeded "
+            f"initialization, {s['steps']} steps ({s['epochs']} epochs) at peak lr {s['lr']}, weight decay "
+            f"{s['weight_decay']}, batch {s['batch']}, once with AdamW (`pretrain-long`) and once with AdamW+S2D from "
+            f"step 0 (`pretrain-long-s2d`, same initialization and batches). The arms fine-tune `pretrain-long` for "
+            f"{s['ft_epochs']} epoch(s) at lr {s['ft_lr']}, the seed drawing the batches. PTQ: {s['weights']} RTN "
+            f"weights; activations per-tensor static ({s['observer']} observer, {s['grid']}, calibrated on the first "
+            f"{s['calib']} training images), with and without ln_reparam (RepQ-ViT's norm reparameterization), or "
+            f"per-token dynamic (the control column). Accuracy on {s['n_test']} Fashion-MNIST test images; ± is "
+            "the sample SD over seeds, the interval the 95% Student-t interval of the paired per-seed differences.")
+
+
+def selections(root: Path) -> str:
+    """How many Linears S2D decayed at its first and at its last refresh, per S2D run (a run that selected none
+    was plain AdamW)."""
+    parts = []
+    for folder in [root / "pretrain-long-s2d", *sorted(root.glob("ft-s2d-s[0-9]*"))]:
+        m = _json(folder / "metrics.json")
+        refreshes = (m or {}).get("refreshes") or []
+        if refreshes:
+            parts.append(f"{folder.name} {len(refreshes[0]['selected'])} → {len(refreshes[-1]['selected'])} "
+                         f"({len(refreshes)} refresh{'es' if len(refreshes) > 1 else ''})")
+    return ("Linears S2D decayed, first → last refresh: " + "; ".join(parts) + ".") if parts else ""
+
+
+def report(root: Path) -> str:
+    """Everything the script prints: the settings, the arm's table, the pre-trainings, the curve and the reading."""
+    parts = []
+    try:
+        s = settings(root)
+        parts.append(f"`{s['command']}`")
+        parts.append(intro(s))
+    except MissingSetting as err:
+        parts.append(f"(settings not available: {err})")
+    sel = _json(root / "selection.json")
+    if sel:
+        parts.append(f"S2D option (chosen on pretrain-long before any S2D run): {sel['reg_option']}. "
+                     + selections(root))
+    parts += ["Fine-tunes of pretrain-long:", table(root), "Pre-trainings (final models):", pretrain_table(root),
+              "Over pre-training (kept checkpoints):", curve_table(root),
+              "\n".join(f"- {line}" for line in [*reading(root), QAT_NOTE])]
+    return "\n\n".join(parts)
+
+
+def figure(root: Path, out: Path) -> Path | None:
+    """max |x| (left) and the per-tensor static gap to FP (right) against pre-training steps, both pre-trainings."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from s2d.report.figures import save_figure
+
+    curves = {name: curve(root, name) for name in PRETRAINS}
+    if not any(curves.values()):
+        return None
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8), dpi=110)
+    for (name, label), color in zip(PRETRAINS.items(), ("C0", "C3"), strict=True):
+        hist = (_json(root / name / "metrics.json") or {}).get("history") or []
+        if hist:
+            ax1.plot([h["step"] for h in hist], [h["max_abs_act"] for h in hist], color=color, alpha=0.3, lw=0.8,
+                     label=f"{label}: residual (training batch)")
+        pts = curves[name]
+        ax1.plot([p["step"] for p in pts], [p["max_abs"]["linear_input"] for p in pts], color=color, marker="o",
+                 label=f"{label}: Linear inputs (calibration images)")
+        for cell, style in (("W6A6 static", "--"), ("W4A4 static", "-"), ("W4A4 static+reparam", ":")):
+            ax2.plot([p["step"] for p in pts], [100 * (p["FP"] - p[cell]) for p in pts], color=color, ls=style,
+                     marker=".", label=f"{label}: {cell}")
+    ax1.set(xlabel="pre-training step", ylabel="max |x|", yscale="log", title="Activation outliers")
+    ax2.set(xlabel="pre-training step", ylabel="FP − quantized accuracy (points)",
+            title="Per-tensor static PTQ gap")
+    ax1.legend(fontsize=6)
+    ax2.legend(fontsize=6)
+    return save_figure(fig, out)
