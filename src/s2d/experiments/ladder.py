@@ -7,11 +7,11 @@ from pathlib import Path
 from s2d.experiments.record import metrics, run_config, shared
 
 # The field's rungs (Llama-3.2-1B, WikiText-2, KV16; SPEC §3) beside ours where one corresponds: theirs.
-THEIRS = {"rtn": "RTN, clip, asymmetric, no rotation: 26×", "rotate": "random Hadamard R1: 11×",
-          "rotate-clip": "random Hadamard R1 + online R4 (SpinQuant's ablation, fixed rotations): 1.9× is learned",
+THEIRS = {"rtn": "RTN, clip, asymmetric, no rotation: 26×",
+          "rotate": "random Hadamard R1, no online Hadamard: 11× (ours has the online R4 too)",
           "best-learned": "learned R1/R2 + online R4 (SpinQuant): 1.9×",
           "recipe-spinquant": "learned R1/R2 + online R4 (SpinQuant): 1.9×",
-          "recipe-quarot": "QuaRot-style GPTQ act-order, A4 asymmetric dynamic g32: 1.45×",
+          "recipe-quarot": "QuaRot GPTQ: 1.24× (Phi-3-mini)",
           "rotate-r2-clip-gptq-full-asym-wmse-ag32": "QuaRot-style GPTQ act-order, A4 asymmetric dynamic g32: 1.45×",
           "recipe-best-kv4": "FlatQuant W4A4KV4: 1.23×; QuaRot W4A4KV4 GPTQ on LLaMA-2-7B: 1.12×",
           "recipe-quarot-kv4": "QuaRot W4A4KV4 GPTQ on LLaMA-2-7B: 1.12×"}
