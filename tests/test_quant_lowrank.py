@@ -71,7 +71,7 @@ def test_rotating_a_low_rank_model_preserves_its_function(low_rank_llama):
 
 
 def test_fold_into_a_low_rank_pair_absorbs_the_norms_gain_and_shift():
-    from s2d.arch.fold import _fold_into
+    from s2d.arch.fold import fold_into_linear as _fold_into
 
     gen = torch.Generator().manual_seed(0)
     for bias in (torch.randn(5, generator=gen), None):  # B without a bias gets one for W·β

@@ -73,7 +73,7 @@ def test_bad_recipe_input_is_refused(capsys):
         recipe("bogus")
     assert main(["quantize", "tiny:llama", "--recipe", "best", "--method", "gptq"]) == 2
     assert "--recipe best sets the method" in capsys.readouterr().err
-    with pytest.raises(S2DError, match="positive a_group_size"):
+    with pytest.raises(S2DError, match="positive group size: set a_group_size"):
         QuantConfig.from_scheme("W4A4", **{**recipe_fields("best", kv=False), "a_group_size": 0})
     from s2d.assets.tiny import tiny_model
     from s2d.quant.api import check_quantizable

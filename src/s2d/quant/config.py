@@ -69,8 +69,8 @@ class QuantConfig(Config):
         for side, granularity, group in (("w", self.w_granularity, self.w_group_size),
                                          ("a", self.a_granularity, self.a_group_size)):
             if granularity == "per_group" and (not isinstance(group, int) or group < 1):
-                raise S2DError(f"{side}_granularity=per_group needs a positive {side}_group_size (e.g. 32, 64 or "
-                               f"128), got {group!r}")
+                raise S2DError(f"{side}_granularity=per_group needs a positive group size: set {side}_group_size "
+                               f"(e.g. 32, 64 or 128), got {group!r}")
         self.weight_spec()
         self.act_spec()
         if self.w_granularity == "per_token":

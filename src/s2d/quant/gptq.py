@@ -167,7 +167,8 @@ def _quantize_block(w1: torch.Tensor, s1: torch.Tensor, z1: torch.Tensor | None,
 
     The block is split once more, into sub-blocks of SUB_BLOCK rows: the rank-1 updates run within a sub-block,
     and the rows after it take the sub-block's errors in one matmul, as the lazy update does for the rows after
-    the block. The same sums, in a different order; it cuts the rank-1 traffic (the loop's largest cost) by 4x.
+    the block. The same sums in another order; the rank-1 updates (the loop's largest single op) touch 4x fewer
+    rows, which takes ~20% off the loop at 1536 outputs.
     """
     n = w1.shape[0]
     rows, scales, errs, hrows, diag = w1.unbind(0), s1.unbind(0), e1.unbind(0), hinv1.unbind(0), hinv1.diagonal()
