@@ -200,11 +200,18 @@ def quant_speed(r: Results) -> None:
         f = b["forward"]
         r.text(f"**Speed** (`python bench/quant_speed.py`): W4A4 fake-quant forward / FP forward = "
                f"{f['ratio']:.2f}× ({f['batch']}×{f['seq_len']} tokens, median of {f['repeats']}; target ≤ 1.5×).")
-        if "gptq" in b:
+        if "gptq" in b and "runs" in b["gptq"]:  # float64 (the numerics before gptq_precision) beside float32
             g = b["gptq"]
-            r.text(f"GPTQ W4 over all {g['layers']} Linears ({g['samples']}×{g['seq_len']} calibration tokens): "
-                   f"{g['wall_s']:.0f} s wall, {g['cpu_s']:.0f} s CPU, peak RSS {g['peak_rss_mib']:.0f} MiB "
-                   "(target < 10 min).")
+            runs = {p: rs[0] if isinstance(rs, list) else rs for p, rs in g["runs"].items()}
+            arms = "; ".join(f"{p}: {g['median_wall_s'][p]:.0f} s wall, {x['cpu_s']:.0f} s CPU, peak RSS "
+                             f"{x['peak_rss_mib']:.0f} MiB, wiki ppl@512 {x['ppl']:.3f} on {x['ppl_tokens']:,} tokens"
+                             for p, x in runs.items())
+            r.text(f"GPTQ W4 over all {g['layers']} Linears ({g['samples']}×{g['seq_len']} calibration tokens), side "
+                   f"by side in one run: {arms}. float64 / float32 wall = {g['ratio_float64_over_float32']:.2f}×"
+                   f" (target: float32 < 60 s). float32 against float64 on the same layers: "
+                   f"{g['codes_differ_fraction']:.1%} of the integer codes differ; each layer's quantization error "
+                   f"on its calibration activations differs by {g['layer_error_rel_diff_median']:+.2%} (median), "
+                   f"at most {g['layer_error_rel_diff_max_abs']:.1%}.")
 
 
 def w4a4_ladder(r: Results) -> None:
