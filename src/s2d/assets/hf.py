@@ -181,6 +181,17 @@ def pretrained_gguf(path: Path, dtype, **config):
     return model, tokenizer
 
 
+def pretrained_gguf_config(path: Path, **config):
+    """The config transformers' GGUF reader rebuilds from `path`'s metadata (no tensors read, no code run)."""
+    from transformers import AutoConfig
+
+    path = Path(path).resolve()
+    try:
+        return AutoConfig.from_pretrained(path.parent, gguf_file=str(path), trust_remote_code=False, **config)
+    except Exception as err:
+        raise S2DError(f"cannot read {path}'s metadata with transformers' GGUF reader: {err}") from err
+
+
 def _few(keys: list[str], n: int = 3) -> str:
     more = f" and {len(keys) - n} more" if len(keys) > n else ""
     return ", ".join(keys[:n]) + more

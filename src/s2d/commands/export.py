@@ -145,16 +145,14 @@ def dense_model(model: nn.Module, weights_only: bool = False) -> tuple[nn.Module
 def check_gguf(source: nn.Module, tokenizer, path: Path, written: Written, tokens: int) -> dict:
     """Read the written file back with transformers' GGUF reader: its config must be the source's, each tensor
     within its type's rounding, and on `tokens` wiki tokens the perplexities of both are recorded."""
-    from transformers import AutoConfig
-
     from s2d.assets import gguf_file
-    from s2d.assets.hf import pretrained_gguf
+    from s2d.assets.hf import pretrained_gguf, pretrained_gguf_config
 
     overrides = gguf_file.config_overrides(gguf_file.read_header(path))
     notes = [f"the file's biases set {', '.join(overrides)} from its tensors, as llama.cpp reads them; transformers' "
              f"GGUF reader drops them unless given {', '.join(f'{k}=True' for k in overrides)} (s2d passes it)"
              ] if overrides else []
-    read_config = AutoConfig.from_pretrained(path.parent, gguf_file=str(path.resolve()), **overrides)
+    read_config = pretrained_gguf_config(path, **overrides)
     diffs = config_differences(source.config, read_config)
     if diffs:
         shown = "; ".join(f"{k}={a!r} (read back as {b!r})" for k, a, b in diffs[:3])
