@@ -33,3 +33,16 @@ def iter_chunks(calib: CalibBatch, chunk_size: int) -> Iterator[CalibBatch]:
             yield {k: v[i : i + chunk_size] for k, v in calib.items()}
         else:
             yield calib[i : i + chunk_size]
+
+
+def run_hooked(model, desc, calib: CalibBatch, chunk_size: int, handles: list) -> None:
+    """One pass of the calibration batch, chunk by chunk, for the hooks in `handles` to observe; they are removed
+    afterwards, also when the pass fails."""
+    from s2d.arch.runner import model_inputs
+
+    try:
+        for chunk in iter_chunks(calib, chunk_size):
+            model(**model_inputs(desc, chunk))
+    finally:
+        for h in handles:
+            h.remove()

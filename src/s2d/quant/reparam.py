@@ -30,9 +30,8 @@ from torch import nn
 from s2d.arch import describe
 from s2d.arch.families import NORM_FEEDS
 from s2d.arch.fold import fold_into_linear
-from s2d.arch.runner import model_inputs
 from s2d.errors import S2DError
-from s2d.quant.calib import CalibBatch, iter_chunks, require_calib
+from s2d.quant.calib import CalibBatch, require_calib, run_hooked
 
 Filter = Callable[[nn.Module, str], bool]
 MIN_RATIO = 1e-4  # a channel far narrower than the rest keeps r_c ≥ this (its values need not fill [-S/2, S/2])
@@ -79,12 +78,7 @@ def channel_ranges(model: nn.Module, calib: CalibBatch, names: list[str], chunk_
         return record
 
     handles = [model.get_submodule(n).register_forward_hook(hook(n)) for n in names]
-    try:
-        for chunk in iter_chunks(calib, chunk_size):
-            model(**model_inputs(desc, chunk))
-    finally:
-        for h in handles:
-            h.remove()
+    run_hooked(model, desc, calib, chunk_size, handles)
     return ranges
 
 

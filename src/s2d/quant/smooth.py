@@ -15,9 +15,8 @@ from torch import nn
 
 from s2d.arch import describe
 from s2d.arch.families import LINEAR_FEEDS, NORM_FEEDS
-from s2d.arch.runner import model_inputs
 from s2d.errors import S2DError
-from s2d.quant.calib import iter_chunks, require_calib
+from s2d.quant.calib import require_calib, run_hooked
 
 
 def smooth_groups(model: nn.Module) -> list[tuple[str, str, list[str]]]:
@@ -53,12 +52,7 @@ def input_absmax(model: nn.Module, calib: torch.Tensor | dict, names: list[str],
         return fn
 
     handles = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
-    try:
-        for chunk in iter_chunks(calib, chunk_size):
-            model(**model_inputs(desc, chunk))
-    finally:
-        for h in handles:
-            h.remove()
+    run_hooked(model, desc, calib, chunk_size, handles)
     return stats
 
 
