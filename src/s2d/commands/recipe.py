@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
+import importlib
 import itertools
 import json
 from dataclasses import dataclass, field
@@ -35,32 +36,17 @@ COMPRESS_EXTRAS = {"eval": (), "limit": None, "ppl_tokens": 16384, "merge": Fals
 QUANT_ALIASES = ("scheme", "method", "recipe")  # --scheme, --method and --recipe of `s2d quantize`
 
 
+# stage -> (module, class) of the config its subcommand validates; imported only when a recipe uses the stage
+STAGE_CONFIGS = {"finetune": ("s2d.train", "TrainConfig"), "compress": ("s2d.lowrank", "LowRankConfig"),
+                 "quantize": ("s2d.commands.quantize", "QuantRunConfig"), "eval": ("s2d.eval.suite", "EvalConfig"),
+                 "diagnose": ("s2d.diagnose", "DiagnoseConfig"), "export": ("s2d.export.gguf", "ExportConfig")}
+
+
 def _config_class(kind: str):
-    if kind == "finetune":
-        from s2d.train import TrainConfig
-
-        return TrainConfig
-    if kind == "compress":
-        from s2d.lowrank import LowRankConfig
-
-        return LowRankConfig
-    if kind == "quantize":
-        from s2d.commands.quantize import QuantRunConfig
-
-        return QuantRunConfig
-    if kind == "eval":
-        from s2d.eval.suite import EvalConfig
-
-        return EvalConfig
-    if kind == "diagnose":
-        from s2d.diagnose import DiagnoseConfig
-
-        return DiagnoseConfig
-    if kind == "export":
-        from s2d.export.gguf import ExportConfig
-
-        return ExportConfig
-    return None
+    if kind not in STAGE_CONFIGS:
+        return None
+    module, name = STAGE_CONFIGS[kind]
+    return getattr(importlib.import_module(module), name)
 
 
 def export_available() -> bool:
