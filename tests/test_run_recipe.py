@@ -219,3 +219,99 @@ def test_the_cli_runs_a_recipe_and_reports_a_bad_one(tmp_path, capsys):
     assert "00-eval" in capsys.readouterr().out
     assert main(["run", str(recipe), "--out", str(tmp_path / "out"), "--worker", "2/2"]) == 2
     assert "--worker takes K/N" in capsys.readouterr().err
+
+
+SHARED = """model: tiny:llama
+seed: 0
+stages:
+  - stage: compress
+    method: svd
+    keep: 0.8
+  - stage: quantize
+    scheme: W8A8
+    method: rtn
+    n_samples: 2
+    seq_len: 16
+    ppl_tokens: 256
+  - stage: export
+    type: F16
+    weights_only: true
+    check_tokens: 0
+evaluate:
+  tasks: [ppl:wiki]
+  seq_lens: [32]
+  ppl_tokens: 256
+"""
+
+
+@pytest.fixture(scope="module")
+def shared_run(tmp_path_factory):
+    """A recipe with `evaluate:`: one `s2d eval` of the input, the compressed, the quantized and the GGUF model."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("shared")
+    recipe = root / "shared.yaml"
+    recipe.write_text(SHARED)
+    result = run_recipe(recipe, root / "out")
+    torch.set_num_threads(threads)
+    return root / "out", recipe, result
+
+
+def test_the_shared_evaluation_scores_every_model_as_s2d_eval_would(shared_run, tmp_path):
+    from s2d.commands.eval import run_eval
+    from s2d.eval.suite import EvalConfig
+
+    out, recipe, result = shared_run
+    rows = ["input", "00-compress", "01-quantize", "02-export"]
+    assert [e["folder"] for e in result["events"] if e["folder"].startswith("evaluate/")] == \
+        [f"evaluate/{r}" for r in rows]
+    scores = {}
+    for row in rows:
+        metrics = json.loads((out / "evaluate" / row / "metrics.json").read_text())
+        scores[row] = metrics["tasks"]["ppl:wiki@32"]["ppl"]
+    assert json.loads((out / "evaluate" / "02-export" / "metrics.json").read_text())["model"].endswith("model.gguf")
+    # the same numbers `s2d eval` gives on its own, for the input and for the quantized folder
+    config = EvalConfig(tasks=("ppl:wiki",), seq_lens=(32,), ppl_tokens=256, seed=0)
+    alone = run_eval("tiny:llama", config, tmp_path / "alone")["tasks"]["ppl:wiki@32"]["ppl"]
+    assert alone == scores["input"]
+    alone = run_eval(str(out / "01-quantize" / "model"), config, tmp_path / "alone-q")["tasks"]["ppl:wiki@32"]["ppl"]
+    assert alone == scores["01-quantize"]
+    assert scores["00-compress"] != scores["input"]
+    # the GGUF holds the quantized model's dequantized weights in F16, without the activation quantization
+    assert scores["02-export"] == pytest.approx(scores["00-compress"], rel=0.05)
+    report = (out / "report.md").read_text()
+    assert "The same evaluation on every model" in report and "figures/shared.png" in report
+    row, = result["table"]
+    assert row["metrics"]["ppl:wiki@32 (evaluate)"] == scores["02-export"]
+
+
+def test_the_shared_evaluation_is_skipped_on_rerun_and_rerun_when_it_changes(shared_run, tmp_path):
+    out, recipe, _ = shared_run
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    again = run_recipe(recipe, copy)
+    assert set(_actions(again).values()) == {"skipped"}
+    changed = tmp_path / "changed.yaml"
+    changed.write_text(SHARED.replace("ppl_tokens: 256\n", "ppl_tokens: 192\n").replace(
+        "    ppl_tokens: 192\n  - stage: export", "    ppl_tokens: 256\n  - stage: export"))
+    result = _actions(run_recipe(changed, copy))
+    assert result["00-compress"] == "skipped" and result["01-quantize"] == "skipped"
+    assert {result[f"evaluate/{r}"] for r in ("input", "00-compress", "01-quantize", "02-export")} == {"ran"}
+
+
+def test_a_bad_evaluate_section_is_refused():
+    with pytest.raises(S2DError, match=r"line \d+: evaluate: .*bogus"):
+        parse_recipe(SHARED + "  bogus: 1\n")
+    with pytest.raises(S2DError, match="needs tasks"):
+        parse_recipe("model: tiny:llama\nstages:\n  - stage: eval\nevaluate: {limit: 3}\n")
+
+
+def test_the_run_report_opens_in_a_real_browser(shared_run):
+    from browser import probe
+
+    out, _, _ = shared_run
+    seen = probe(out / "report.html")
+    assert len(seen["images"]) == 2 and all(width > 0 for width in seen["images"]), seen
+    assert {"shared", "models", "stages"} <= set(seen["tables"]), seen

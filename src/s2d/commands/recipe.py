@@ -10,6 +10,8 @@ Nothing here loads a model or writes a file; `s2d.commands.run` executes what th
       - stage: compress
         method: rom
         sweep: {keep: [0.9, 0.8]}  # a grid: one cell per value (several stages' sweeps multiply)
+    evaluate:                    # optional: one evaluation (EvalConfig) run on every model the recipe made,
+      tasks: [ppl:wiki]          # the input included, so the report compares them on the same footing
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from s2d.errors import S2DError
 
 STAGES = ("finetune", "compress", "quantize", "eval", "diagnose", "export")
 MODEL_STAGES = ("finetune", "compress", "quantize", "export")  # stages that save a model the next stage reads
-TOP_KEYS = ("model", "seed", "stages", "trust_remote_code")
+TOP_KEYS = ("model", "seed", "stages", "evaluate", "trust_remote_code")
 # Options of a stage that are not fields of its config: the extra flags of the subcommand.
 COMPRESS_EXTRAS = {"eval": (), "limit": None, "ppl_tokens": 16384, "merge": False}
 QUANT_ALIASES = ("scheme", "method", "recipe")  # --scheme, --method and --recipe of `s2d quantize`
@@ -109,6 +111,7 @@ class Recipe:
     trust_remote_code: bool
     cells: list[Cell]
     sweeps: dict  # "<stage index>.<option>" -> list of values
+    evaluate: Any = None  # the EvalConfig every model is scored with, or None
 
     def resolved(self) -> dict:
         """recipe.yaml of the run folder: every stage's full config (of the first cell; the sweeps beside it)."""
@@ -117,6 +120,7 @@ class Recipe:
         return {"s2d": __version__, "recipe": str(self.path) if self.path else None, "model": self.model,
                 "seed": self.seed, "trust_remote_code": self.trust_remote_code,
                 "sweeps": {k: _plain(v) for k, v in self.sweeps.items()},
+                "evaluate": _plain(self.evaluate.to_dict()) if self.evaluate is not None else None,
                 "cells": [{"index": c.index, "values": _plain(c.values),
                            "stages": [s.resolved() for s in c.stages]} for c in self.cells]}
 
@@ -196,7 +200,26 @@ def parse_recipe(text: str, path: Path | None = None) -> Recipe:
             cell_stages.append(build_stage(i, kind, {**copy.deepcopy(options), **swept}, seed, line, where, swept))
         check_order(cell_stages, model, where, f" (cell {n}: {Cell(n, [], values).label()})" if keys else "")
         cells.append(Cell(n, cell_stages, values))
-    return Recipe(path, model, seed, bool(data.get("trust_remote_code", False)), cells, sweeps)
+    evaluate = build_evaluate(data.get("evaluate"), seed, f"{where}{_at(lines['top'].get('evaluate'))}")
+    return Recipe(path, model, seed, bool(data.get("trust_remote_code", False)), cells, sweeps, evaluate)
+
+
+def build_evaluate(options, seed: int | None, name: str):
+    """The recipe's shared evaluation: `s2d eval`'s options, validated like an eval stage's."""
+    if options is None:
+        return None
+    if not isinstance(options, dict) or not options.get("tasks"):
+        raise S2DError(f"{name}: `evaluate` maps eval options to values and needs tasks, e.g. "
+                       "evaluate: {tasks: [ppl:wiki]}")
+    from s2d.eval.suite import EvalConfig
+
+    data = dict(options)
+    if seed is not None and "seed" not in data:
+        data["seed"] = seed
+    try:
+        return EvalConfig.from_dict(data).validate()
+    except (S2DError, TypeError, ValueError) as err:
+        raise S2DError(f"{name}: evaluate: {err}") from err
 
 
 def build_stage(index: int, kind: str, options: dict, seed: int | None, line: int | None, where: str = "recipe",
@@ -205,8 +228,9 @@ def build_stage(index: int, kind: str, options: dict, seed: int | None, line: in
     name = f"{where}{_at(line)}: stage {index} ({kind})"
     stage = Stage(index, kind, options, line=line, swept=dict(swept or {}))
     data = dict(options)
-    if seed is not None and "seed" not in data:
-        data["seed"] = seed
+    cls = _config_class(kind)
+    if seed is not None and "seed" not in data and "seed" in {f.name for f in dataclasses.fields(cls)}:
+        data["seed"] = seed  # export, for one, draws nothing at random and has no seed
     if kind == "compress":
         stage.extras = {k: data.pop(k, default) for k, default in COMPRESS_EXTRAS.items()}
         if isinstance(stage.extras["eval"], str):
@@ -214,7 +238,6 @@ def build_stage(index: int, kind: str, options: dict, seed: int | None, line: in
         stage.extras["eval"] = list(stage.extras["eval"] or ())
     if kind == "quantize":
         data = _quant_aliases(data, name)
-    cls = _config_class(kind)
     try:
         config = cls.from_dict(data)
         config.validate()

@@ -5,6 +5,8 @@ Layout of the run folder DIR:
   a stage reads the `model/` folder of the last model stage before it (finetune, compress, quantize);
 - `DIR/state/<folder>.json`: the stage's key (a hash of its resolved config and of its input's key), its
   status (running, done) and wall time; `DIR/state/<folder>.lock` is held while a process runs the stage;
+- `DIR/evaluate/<row>/`: with the recipe's `evaluate:`, the same `s2d eval` run folder for every model the
+  recipe made (the input, each finetune/compress/quantize model, an export's GGUF file), keyed like a stage;
 - `DIR/recipe.yaml` (resolved), `DIR/run.log`, `DIR/table.json`/`table.md` (one row per cell), and
   `DIR/report.md`/`report.html` with `figures/`.
 
@@ -40,6 +42,23 @@ class Planned:
     input_row: str  # the folder name of the model row it reads ("input" for the recipe's model)
 
 
+@dataclass
+class Evaluation:
+    """The recipe's shared evaluation of one model row."""
+
+    row: str  # the model row it scores ("input" or the folder of the stage that made the model)
+    model: str  # what `s2d eval` loads: a spec, a model folder or a GGUF file
+    key: str
+
+    @property
+    def folder(self) -> str:
+        return f"evaluate/{self.row}"
+
+    @property
+    def state_name(self) -> str:
+        return f"evaluate-{self.row}"
+
+
 def parse_worker(text: str | None) -> tuple[int, int]:
     if not text:
         return 0, 1
@@ -69,6 +88,31 @@ def plan(recipe: Recipe, out: Path) -> list[list[Planned]]:
     return cells
 
 
+def plan_evaluations(recipe: Recipe, cells: list[list[Planned]], out: Path) -> list[list[Evaluation]]:
+    """Per cell, the shared evaluation of every model row it makes (the input's first); empty without evaluate."""
+    if recipe.evaluate is None:
+        return [[] for _ in cells]
+    import hashlib
+
+    def key(model_key: str) -> str:
+        blob = json.dumps({"evaluate": recipe.evaluate.to_dict(), "model": model_key}, sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    from s2d.commands.export import FILE
+
+    first = Evaluation("input", recipe.model, key(model_identity(recipe.model)))
+    out_cells = []
+    for steps in cells:
+        evals = [first]
+        for step in steps:
+            if step.stage.kind == "export":
+                evals.append(Evaluation(step.folder, str(out / step.folder / FILE), key(step.key)))
+            elif step.stage.kind in MODEL_STAGES:
+                evals.append(Evaluation(step.folder, str(out / step.folder / "model"), key(step.key)))
+        out_cells.append(evals)
+    return out_cells
+
+
 def run_recipe(recipe_path: str | Path, out: str | Path | None = None, worker: str | None = None,
                table_only: bool = False, argv: list[str] | None = None) -> dict:
     """Run (or, with table_only, only tabulate) the recipe into `out`; returns the table and what ran."""
@@ -81,17 +125,21 @@ def run_recipe(recipe_path: str | Path, out: str | Path | None = None, worker: s
     (out / "state").mkdir(exist_ok=True)
     atomic_write_text(out / "recipe.yaml", yaml.safe_dump(recipe.resolved(), sort_keys=False))
     cells = plan(recipe, out)
+    evaluations = plan_evaluations(recipe, cells, out)
     events = []
     if not table_only:
-        for cell, steps in zip(recipe.cells, cells, strict=True):
+        for cell, steps, evals in zip(recipe.cells, cells, evaluations, strict=True):
             if cell.index % n != k:
                 continue
             for step in steps:
                 events.append(_execute(step, out, recipe))
+            for evaluation in evals:
+                events.append(_evaluate(evaluation, out, recipe))
     table = None
     pending = [s.folder for steps in cells for s in steps if not _done(out, s)]
+    pending += [e.folder for evals in evaluations for e in evals if not _evaluated(out, e)]
     if not pending:
-        table = write_table(recipe, cells, out, argv)
+        table = write_table(recipe, cells, out, argv, evaluations)
     elif table_only:
         raise S2DError(f"{out}: {len(set(pending))} stage(s) not finished yet ({', '.join(sorted(set(pending))[:4])}"
                        "); run the recipe (or the remaining --worker) first")
@@ -163,6 +211,39 @@ def _execute(step: Planned, out: Path, recipe: Recipe) -> dict:
         atomic_write_json(out / "state" / f"{step.folder}.json", record)
         _log(out, f"{step.folder}: done in {record['seconds']:.1f} s")
         return {"folder": step.folder, "action": "ran", "mode": mode}
+
+
+def _evaluated(out: Path, evaluation: Evaluation) -> bool:
+    state = _state(out, evaluation.state_name)
+    return bool(state and state.get("status") == "done" and state.get("key") == evaluation.key
+                and (out / evaluation.folder / "metrics.json").is_file())
+
+
+def _evaluate(evaluation: Evaluation, out: Path, recipe: Recipe) -> dict:
+    """The shared evaluation of one model, skipped when done with the same key (cells share the input's)."""
+    from s2d.commands.eval import run_eval
+
+    name = evaluation.folder
+    with _stage_lock(out, evaluation.state_name):
+        if _evaluated(out, evaluation):
+            return {"folder": name, "action": "skipped"}
+        path = out / name
+        mode = "overwrite" if path.is_dir() and any(path.iterdir()) else "new"
+        path.parent.mkdir(exist_ok=True)
+        record = {"folder": name, "stage": "evaluate", "key": evaluation.key, "input": evaluation.model,
+                  "status": "running", "started": _dt.datetime.now().isoformat(timespec="seconds")}
+        atomic_write_json(out / "state" / f"{evaluation.state_name}.json", record)
+        _log(out, f"{name}: evaluating {evaluation.model}")
+        t0 = time.perf_counter()
+        try:
+            run_eval(evaluation.model, recipe.evaluate, path, trust_remote_code=recipe.trust_remote_code, mode=mode)
+        except BaseException as err:
+            _log(out, f"{name}: failed after {time.perf_counter() - t0:.1f} s: {type(err).__name__}: {err}")
+            raise
+        record.update(status="done", seconds=round(time.perf_counter() - t0, 3))
+        atomic_write_json(out / "state" / f"{evaluation.state_name}.json", record)
+        _log(out, f"{name}: done in {record['seconds']:.1f} s")
+        return {"folder": name, "action": "ran", "mode": mode}
 
 
 def run_stage(stage: Stage, model: str, path: Path, mode: str, trust_remote_code: bool = False) -> None:
@@ -238,8 +319,10 @@ def _size(folder: Path) -> int | None:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else None
 
 
-def collect(recipe: Recipe, cells: list[list[Planned]], out: Path) -> tuple[list[dict], list[dict], list[dict]]:
-    """(models, stages, cells) rows from the finished stages' metrics.json and state files."""
+def collect(recipe: Recipe, cells: list[list[Planned]], out: Path,
+            evaluations: list[list[Evaluation]] | None = None) -> tuple[list[dict], list[dict], list[dict]]:
+    """(models, stages, cells) rows from the finished stages' metrics.json and state files; a model row's
+    `shared` holds the recipe's shared evaluation of it."""
     models = {"input": {"name": f"input: {recipe.model}", "stage": "-", "metrics": {}, "params": None,
                         "size_bytes": None, "seconds": None}}
     if Path(recipe.model).expanduser().is_dir():
@@ -285,13 +368,20 @@ def collect(recipe: Recipe, cells: list[list[Planned]], out: Path) -> tuple[list
                 severity = m.get("severity", {})
                 into["metrics"].update({f"diagnose {k}": severity[k] for k in ("max_abs", "mean_kurtosis")
                                         if isinstance(severity.get(k), int | float)})
+    for evals in evaluations or []:
+        for e in evals:
+            if e.row in models:
+                models[e.row]["shared"] = _evals(_metrics(out / e.folder).get("tasks"))
+                if e.model.endswith(".gguf") and models[e.row].get("size_bytes") is None:
+                    models[e.row]["size_bytes"] = Path(e.model).stat().st_size if Path(e.model).is_file() else None
     cell_rows = []
     for cell, steps in zip(recipe.cells, cells, strict=True):
         last_model = next((s.folder for s in reversed(steps) if s.stage.kind in MODEL_STAGES), "input")
         final = models.get(last_model, {})
         seconds = [(_state(out, s.folder) or {}).get("seconds") for s in steps]
         cell_rows.append({"cell": cell.index, "label": cell.label() or "-", "values": _values(cell),
-                          "model": last_model, "metrics": dict(final.get("metrics", {})),
+                          "model": last_model, "metrics": {**final.get("metrics", {}), **{
+                              f"{k} (evaluate)": v for k, v in final.get("shared", {}).items()}},
                           "params": final.get("params"), "average_bits": final.get("average_bits"),
                           "size_bytes": final.get("size_bytes"),
                           "seconds": round(sum(s for s in seconds if s is not None), 3)})
@@ -302,12 +392,13 @@ def _values(cell: Cell) -> dict:
     return {f"{key.split('.', 1)[1]} (stage {key.split('.', 1)[0]})": value for key, value in cell.values.items()}
 
 
-def write_table(recipe: Recipe, cells: list[list[Planned]], out: Path, argv: list[str] | None = None) -> list[dict]:
+def write_table(recipe: Recipe, cells: list[list[Planned]], out: Path, argv: list[str] | None = None,
+                evaluations: list[list[Evaluation]] | None = None) -> list[dict]:
     """table.json and table.md (one row per cell), report.md and report.html; returns the table rows."""
     from s2d.report.markdown import md_table
     from s2d.report.pipeline import metric_columns, write_run_report
 
-    models, stages, rows = collect(recipe, cells, out)
+    models, stages, rows = collect(recipe, cells, out, evaluations)
     swept = list(rows[0]["values"]) if rows else []
     atomic_write_json(out / "table.json", rows)
     columns = metric_columns(rows)

@@ -63,16 +63,29 @@ def write_run_report(root: Path, title: str, models: list[dict], stages: list[di
     stages: {"folder", "stage", "seconds", "status"}; cells: {"cell", "values", "metrics", ...} per cell.
     """
     doc = Document(title)
+    figures = {}
+    shared = metric_columns([{"metrics": m.get("shared", {})} for m in models])
+    if shared:
+        doc.heading("The same evaluation on every model")
+        doc.paragraph("The recipe's `evaluate:` run by `s2d eval` on each model the recipe made, the input included "
+                      "(an export stage's row scores its GGUF file as transformers reads it back).")
+        doc.table(["model", "made by", "parameters", "average bits", "size MiB", "seconds", *shared],
+                  [[m["name"], m["stage"], m.get("params"), _bits(m.get("average_bits")), _mb(m.get("size_bytes")),
+                    m.get("seconds"), *[m.get("shared", {}).get(c) for c in shared]] for m in models], "shared")
+        metric = primary_metric(shared)
+        figures["shared"] = plot_metric([m["name"] for m in models], [m.get("shared", {}).get(metric) for m in models],
+                                        metric, root / "figures" / "shared.png", f"{metric}, the same evaluation "
+                                        "on every model")
+        doc.figure(figures["shared"], f"{metric} of every model on the recipe's shared evaluation.")
     columns = metric_columns(models)
+    doc.heading("What each stage measured")
     doc.paragraph("Every model the recipe made, on the evaluations its stages ran (a stage's metrics go on the row "
                   "of the model it measured: an eval stage's on the model before it, quantize's full-precision "
                   "row on its input). Size is the model folder on disk; seconds the wall time of the stage that "
-                  "made the model.", lead=True)
-    doc.heading("Models")
+                  "made the model.")
     doc.table(["model", "made by", "parameters", "average bits", "size MiB", "seconds", *columns],
               [[m["name"], m["stage"], m.get("params"), _bits(m.get("average_bits")), _mb(m.get("size_bytes")),
                 m.get("seconds"), *[m["metrics"].get(c) for c in columns]] for m in models], "models")
-    figures = {}
     metric = primary_metric(columns)
     if metric is not None:
         figures["models"] = plot_metric([m["name"] for m in models], [m["metrics"].get(metric) for m in models],
