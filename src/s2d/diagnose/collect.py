@@ -39,7 +39,7 @@ class _Collector:
         keep = dict(keep=config.keep_massive, massive_abs=config.massive_abs)
         for lin in tqdm(desc.linears(), desc="spectra", disable=not progress, leave=False):
             self.spectra[lin.name], factors = weight_spectrum(lin.weight, config.top_k, config.spectrum_keep,
-                                                                     lin.name)
+                                                                     lin.name, config.spectra)
             self.pcdr[lin.name] = PCDRAccumulator(lin.weight, factors, config.pcdr_rows, rows_per_batch)
             self.linear_in[lin.name], self.linear_out[lin.name] = RunningStats(**keep), RunningStats(**keep)
         self.hooks = [lin.module.register_forward_hook(self._linear_hook(lin.name)) for lin in desc.linears()]

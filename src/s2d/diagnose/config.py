@@ -13,8 +13,9 @@ class DiagnoseConfig(Config):
     HELP = {"data": "calibration data (wiki validation text; fashion-mnist or digits for ViTs)",
             "image_folder": "a Fashion-MNIST folder instead of the Debian path",
             "n_samples": "calibration sequences", "seq_len": "tokens per sequence",
-            "batch_size": "sequences per forward pass", "seed": "seed of the calibration windows"}
-    CHOICES = {"data": ("wiki", "fashion-mnist", "digits")}
+            "batch_size": "sequences per forward pass", "seed": "seed of the calibration windows",
+            "spectra": "fast (Gram eigenvalues + subspace iteration, checked) or exact (one dense SVD per Linear)"}
+    CHOICES = {"data": ("wiki", "fashion-mnist", "digits"), "spectra": ("fast", "exact")}
     data: str = "wiki"  # wiki (validation split) for text models, fashion-mnist or digits for ViTs
     split: str = "validation"
     n_samples: int = 16
@@ -30,6 +31,8 @@ class DiagnoseConfig(Config):
     massive_ratio: float = 1000.0
     keep_massive: int = 16  # largest massive entries kept per site (positions and channels)
     image_folder: str | None = None
+    # fast equals exact to a relative 1e-6 on every σ (checked per matrix, dense fallback); exact is the old path
+    spectra: str = "fast"
 
     def validate(self) -> DiagnoseConfig:
         if self.n_samples <= 0:
@@ -44,4 +47,6 @@ class DiagnoseConfig(Config):
             raise S2DError(f"pcdr_rows must be positive (got {self.pcdr_rows})")
         if self.data not in ("wiki", "fashion-mnist", "digits"):
             raise S2DError(f"unknown --data {self.data!r}: use wiki (text models), fashion-mnist or digits (ViT)")
+        if self.spectra not in ("fast", "exact"):
+            raise S2DError(f"unknown spectra {self.spectra!r}: use fast (the default) or exact (dense SVDs)")
         return self
