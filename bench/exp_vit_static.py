@@ -26,8 +26,12 @@ ptq.json / curve.json is not measured again; `s2d finetune --resume` continues f
    recipe and S2D options);
 5. `ptq.json` in every model's folder: FP, and W8A8 / W6A6 / W5A5 / W4A4 with per-tensor static activation scales
    (min-max observer, calibrated on the first 32 training images) with and without ln_reparam, and per-token
-   dynamic W4A4 as the control (s2d.experiments.vit_static.CELLS).
-QAT with static scales is not run: `s2d finetune --qat` only simulates the scheme's per-token dynamic defaults.
+   dynamic W4A4 as the control (s2d.experiments.vit_static.CELLS);
+6. `qat-adamw-s<seed>`, `qat-s2d-s<seed>`: the ft-* fine-tunes (same steps, lr and seed) with W4A4 QAT at
+   per-tensor static activation scales (vit_static.QAT_OPTIONS: min-max calibrated on the first training batch,
+   then learned by LSQ), run after every other stage; `qat.json` in each holds the test accuracy of the saved
+   integer model (`model-quantized/`, the learned scales: the QAT forward bit for bit), of its float weights, and
+   of static W4A4 PTQ of those weights (scales calibrated afresh), vit_static.QAT_CELLS.
 The table, the plain-words answer and the figure are s2d.experiments.vit_static's, read from the run folders.
 
 Usage: python bench/exp_vit_static.py [--root runs/exp-vit-static] [--epochs 30] [--lr 2e-3] [--seeds 0 1 2]
@@ -49,7 +53,7 @@ import torch
 from exp_vit import BATCH, PRETRAIN_SEED, finetune, run, select_tau
 
 from s2d.experiments.vit import S2D
-from s2d.experiments.vit_static import CALIB, CELLS, CURVE_CELLS, figure, quant_config, report
+from s2d.experiments.vit_static import CALIB, CELLS, CURVE_CELLS, QAT_ARMS, figure, qat_args, quant_config, report
 
 MODEL = "scratch:vit-fmnist-deep"
 # What a resumed root must share with the run that started it (the rest, seeds and test images, may change).
@@ -142,6 +146,34 @@ def measure_model(folder: Path, data: Data) -> None:
         atomic_write_json(folder / "ptq.json", measure(model, data, CELLS))
 
 
+@torch.no_grad()
+def measure_qat(folder: Path, data: Data) -> None:
+    """qat.json: the QAT run's integer model (its learned static scales), its float weights, and static W4A4 PTQ of
+    those weights with scales calibrated afresh on the calibration images."""
+    from s2d import load_model  # not s2d.assets': it restores the QuantLinears of model-quantized/
+    from s2d.eval import classification_accuracy
+    from s2d.io import atomic_write_json
+    from s2d.quant import quantize, quantized_layers
+
+    if (folder / "qat.json").is_file():
+        return
+    t0 = time.perf_counter()
+    model, _ = load_model(str(folder / "model"))
+    integer, _ = load_model(str(folder / "model-quantized"))
+    model.eval(), integer.eval()
+    test, calib = data.batches(model)
+    ptq_config = quant_config("W4A4 static")
+    ptq = quantize(copy.deepcopy(model), ptq_config, calib=calib, progress=False)
+    out = {"n_test": len(test["labels"]), "calib": CALIB, "max_abs": activation_maxima(model, calib["pixel_values"]),
+           "W4A4 qat-static": classification_accuracy(integer, test), "FP": classification_accuracy(model, test),
+           "W4A4 static": classification_accuracy(ptq, test),
+           "configs": {"W4A4 qat-static": integer.s2d_quant_config.to_dict(), "W4A4 static": ptq_config.to_dict()},
+           "act_scales": {"W4A4 qat-static": {n: float(m.act_scale) for n, m in quantized_layers(integer).items()},
+                          "W4A4 static": {n: float(m.act_scale) for n, m in quantized_layers(ptq).items()}}}
+    out["seconds"] = time.perf_counter() - t0
+    atomic_write_json(folder / "qat.json", out)
+
+
 def measure_curve(folder: Path, data: Data) -> None:
     """curve.json: the CURVE_CELLS measurements of every kept checkpoint, each written as it is done."""
     from safetensors.torch import load_model as load_weights
@@ -162,13 +194,16 @@ def measure_curve(folder: Path, data: Data) -> None:
         atomic_write_json(path, done)
 
 
-def stage(root: Path, name: str, cmd: list[str], data: Data, curve: bool = False) -> None:
+def stage(root: Path, name: str, cmd: list[str], data: Data, curve: bool = False, qat: bool = False) -> None:
     t0 = time.perf_counter()
     if not (root / name / "metrics.json").is_file():
         run(cmd, root / "log.txt")
     if curve:
         measure_curve(root / name, data)
-    measure_model(root / name, data)
+    if qat:
+        measure_qat(root / name, data)
+    else:
+        measure_model(root / name, data)
     print(f"  {name}: done in {time.perf_counter() - t0:.0f} s", flush=True)
 
 
@@ -226,6 +261,13 @@ def main() -> None:
                 name = f"{arm}-s{seed}"
                 stage(root, name, finetune(str(root / "pretrain-long" / "model"), spe, args.ft_lr, spe // 10, seed,
                                            root / name, extra), data)
+        # Last, so the folders of a run started before the QAT arms existed are untouched and a resume reaches them
+        # after everything it had planned.
+        for seed in args.seeds:
+            for arm, extra in zip(QAT_ARMS, (["--reg", "none"], s2d), strict=True):
+                name = f"{arm}-s{seed}"
+                stage(root, name, finetune(str(root / "pretrain-long" / "model"), spe, args.ft_lr, spe // 10, seed,
+                                           root / name, [*extra, *qat_args()]), data, qat=True)
     print(report(root))
     path = figure(root, root / "figures" / "vit-static-curve.png")
     if path is not None:

@@ -39,11 +39,12 @@ def _info(args: argparse.Namespace) -> None:
         print(f"    {role:<5} {entry['count']:>4}  {shapes}  (out x in)")
 
 
-TRAIN_FLAGS = ["task", "reg", "qat", "qat_learn_scales", "steps", "lr", "weight_decay", "batch_size", "grad_accum",
-               "seq_len", "warmup", "seed", "eval_every", "checkpoint_every", "image_data", "image_folder"]
+TRAIN_FLAGS = ["task", "reg", "qat", "qat_learn_scales", "qat_fixed_act_scales", "qat_calib_steps", "steps", "lr",
+               "weight_decay", "batch_size", "grad_accum", "seq_len", "warmup", "seed", "eval_every",
+               "checkpoint_every", "image_data", "image_folder"]
 EVAL_FLAGS = ["tasks", "seq_lens", "ppl_tokens", "convention", "bos", "limit", "batch_size", "seed"]
 LOWRANK_FLAGS = ["method", "keep", "schedule", "search", "search_task", "tolerance", "acc_tolerance", "calib",
-                 "n_samples", "seq_len", "seed"]
+                 "n_samples", "seq_len", "seed", "skip_slower", "skip_slower_tokens"]
 QUANT_FLAGS = ["tasks", "eval_seq_len", "ppl_tokens", "limit", "n_samples", "seq_len", "seed", "avg_bits",
                "high_scheme", "sensitivity_samples", "sensitivity_seq_len"]
 DIAGNOSE_FLAGS = ["data", "image_folder", "n_samples", "seq_len", "batch_size", "seed"]
@@ -56,7 +57,9 @@ def train_config(args: argparse.Namespace):
 
     base = TrainConfig.load(args.config) if args.config else TrainConfig()
     options = key_values(args.reg_option, "--reg-option")
-    return config_from(TrainConfig, args, TRAIN_FLAGS, base, reg_config={**base.reg_config, **options}).validate()
+    qat = {**base.qat_options, **key_values(getattr(args, "qat_option", None), "--qat-option")}
+    return config_from(TrainConfig, args, TRAIN_FLAGS, base, reg_config={**base.reg_config, **options},
+                       qat_options=qat).validate()
 
 
 def _finetune(args: argparse.Namespace) -> None:
@@ -114,6 +117,10 @@ def _compress(args: argparse.Namespace) -> None:
     print(f"{config.method}: {s['params_before']:,} -> {s['params_after']:,} parameters "
           f"({s['fraction_kept']:.2%} of the model, {s['block_linear_fraction_kept']:.2%} of block Linears) in "
           f"{m['compression']['seconds']:.1f} s, peak {m['compression']['peak_rss_mb']:.0f} MiB")
+    if m["compression"].get("speed"):
+        speed = m["compression"]["speed"]
+        print(f"--skip-slower: {len(speed['skipped'])} Linears left dense (factorized timed slower at "
+              f"{speed['tokens']} token(s)); listed in metrics.json under compression.speed")
     for name, r in m["eval"].items():
         print(f"{name:<16} {_task_line(r)}")
     print(f"run folder: {out}")
@@ -261,6 +268,10 @@ def _mode(args: argparse.Namespace) -> str:
 
 
 MODEL_HELP = "smollm2-135m, minilm-l6, tiny:<family>, a local HF model folder, or a .gguf file"
+# What the eval suite does with `limit` (s2d.eval.suite.evaluate): it cuts each zero-shot and bias task to its
+# first N examples and each perplexity to its first N windows, after --ppl-tokens has cut the token stream.
+LIMIT_HELP = ("at most N examples per zero-shot or bias task and at most N windows per perplexity (its first "
+              "N × window-length tokens); --ppl-tokens caps the perplexity tokens")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -290,13 +301,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_flags(p, TrainConfig, TRAIN_FLAGS)
     p.add_argument("--reg-option", action="append", metavar="KEY=VALUE",
                    help="regularizer option, e.g. lam=5e-4, form=decoupled, tau=0.95, k_max=3, fold_norms=true")
+    p.add_argument("--qat-option", action="append", metavar="KEY=VALUE",
+                   help="with --qat: a QuantConfig setting of the simulated scheme, e.g. a_static=true and "
+                        "a_granularity=per_tensor (per-tensor static activation scales, calibrated then learned)")
     p.add_argument("--config", help="a TrainConfig YAML or JSON; flags override it")
     _run_arguments(p, resumable=True)
     p.set_defaults(func=_finetune)
 
     p = sub.add_parser("eval", help="perplexity on held-out wiki text and zero-shot tasks; writes a run folder")
     p.add_argument("model", help=MODEL_HELP)
-    add_flags(p, EvalConfig, EVAL_FLAGS, seq_lens="seq-len")
+    add_flags(p, EvalConfig, EVAL_FLAGS, help_of={"limit": LIMIT_HELP}, seq_lens="seq-len")
     _run_arguments(p, resumable=False)
     p.set_defaults(func=_eval)
 
@@ -306,7 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ranks", action="append", metavar="ROLE=RANK", help="explicit rank per role, e.g. q=64")
     p.add_argument("--eval", type=comma_list(str), metavar="A,B",
                    help="tasks after compressing: ppl:wiki, analogy-mc, polarity, wiki-cloze")
-    p.add_argument("--limit", type=int, help="at most N examples per eval task")
+    p.add_argument("--limit", type=int, help=LIMIT_HELP)
     p.add_argument("--ppl-tokens", dest="ppl_tokens", type=int, help="perplexity on the first N tokens of the wiki "
                    f"test split (default: {_default_arg(run_compress, 'ppl_tokens')})")
     p.add_argument("--merge", action="store_true", help="save an ordinary dense folder (W = B·A)")
@@ -334,7 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layer-scheme", dest="layer_scheme", action="append", metavar="PATTERN=SCHEME",
                    help="mixed precision by hand (repeatable; later patterns win): a role, e.g. down=W4A8, or a "
                         "glob on Linear names, e.g. 'model.layers.0.*=W8A8'")
-    add_flags(p, QuantRunConfig, QUANT_FLAGS, tasks="eval")
+    add_flags(p, QuantRunConfig, QUANT_FLAGS, help_of={"limit": LIMIT_HELP}, tasks="eval")
     p.add_argument("--no-model", dest="no_model", action="store_true", help="do not save the quantized model")
     _run_arguments(p, resumable=True)
     p.set_defaults(func=_quantize)

@@ -43,17 +43,20 @@ def comma_list(kind: type):
     return parse
 
 
-def add_flags(p: argparse.ArgumentParser, cls: type[Config], names: list[str], **flag_of: str) -> None:
+def add_flags(p: argparse.ArgumentParser, cls: type[Config], names: list[str], *, help_of: dict | None = None,
+              **flag_of: str) -> None:
     """One flag per named field of `cls`: its type, choices, help and shown default all come from the class.
 
     `flag_of` renames a field's flag (e.g. seq_lens="seq-len"); the value still lands in `args.<field>`.
+    `help_of` replaces a field's help where one text must read the same across commands (e.g. --limit).
     """
     hints = typing.get_type_hints(cls)
     for name in names:
         kind, item = _base(hints[name])
         flag = "--" + flag_of.get(name, name.replace("_", "-"))
         default = default_of(cls, name)
-        help = f"{cls.HELP.get(name, name.replace('_', ' '))} (default: {_show(default)})".replace("%", "%%")
+        text = (help_of or {}).get(name) or cls.HELP.get(name, name.replace("_", " "))
+        help = f"{text} (default: {_show(default)})".replace("%", "%%")
         if kind is bool:
             p.add_argument(flag, dest=name, action="store_true", default=None, help=help)
         elif kind is tuple:

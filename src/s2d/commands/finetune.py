@@ -43,7 +43,8 @@ def _finetune_into(run: RunFolder | None, model_spec: str, config: TrainConfig, 
 
         # FakeQuantLinear keeps nn.Linear's parameters and state-dict keys, so S2D, checkpoints and
         # save_pretrained see an ordinary model; only the forward rounds weights and inputs.
-        prepare_qat(model, config.qat_config(), learn_scales=config.qat_learn_scales)
+        prepare_qat(model, config.qat_config(), learn_scales=config.qat_learn_scales,
+                    learn_act_scales=not config.qat_fixed_act_scales)
     task = make_task(config, model, tokenizer, name=model_spec)
     result = train(model, task, config, Path(out) / "checkpoints", model_name=model_spec, progress=progress)
     if run is not None:
@@ -71,7 +72,7 @@ def _write(run: RunFolder, model, tokenizer, config: TrainConfig, result: TrainR
     }
     metrics = {"model": model_spec, **source_of(model), "task": config.task, "reg": config.reg,
                "reg_config": config.reg_config,
-               "qat": config.qat,
+               "qat": config.qat, "qat_config": config.qat_config().to_dict() if config.qat else None,
                "steps": result.steps, "seconds": result.seconds, "resumed_from": result.resumed_from,
                "history": result.history, "evals": result.evals,
                "refreshes": [_refresh_summary(r) for r in result.reg_log]}
@@ -81,7 +82,8 @@ def _write(run: RunFolder, model, tokenizer, config: TrainConfig, result: TrainR
 
         from s2d.quant import convert_qat, save_quantized, strip_qat
 
-        # The integers the QAT forward rounded to (with learned scales, if any), then the plain float model.
+        # The integers the QAT forward rounded to and its static activation scales (learned, if so), then the
+        # plain float model.
         integer = convert_qat(copy.deepcopy(model), config.qat_config())
         save_quantized(integer, run.path / "model-quantized", tokenizer, config.qat_config())
         strip_qat(model)
@@ -95,9 +97,16 @@ def _write(run: RunFolder, model, tokenizer, config: TrainConfig, result: TrainR
     text = [f"# finetune {model_spec} on {config.task} with reg={config.reg}\n",
             f"{result.steps} steps in {result.seconds:.1f} s.\n", md_table(["final", "value"], rows)]
     if config.qat:
-        text.append(f"\nTrained with {config.qat} quantization-aware training"
-                    f"{' with learned weight scales' if config.qat_learn_scales else ''}. `model-quantized/` holds the "
-                    "integer model whose forward QAT simulated (load it with `s2d.load_model`); `model/` the float "
-                    "weights.\n")
+        q = config.qat_config()
+        acts = ("floating-point activations" if q.a_bits is None else
+                f"dynamic {q.a_granularity.replace('_', '-')} activation scales" if not q.a_static else
+                f"per-tensor static activation scales calibrated ({q.a_observer}) on the first "
+                f"{config.qat_calib_steps} step(s)' batches, then "
+                f"{'kept fixed' if config.qat_fixed_act_scales else 'learned (LSQ)'}")
+        refit = ", which `s2d quantize` would calibrate afresh instead of using QAT's scales" if q.a_static else ""
+        text.append(f"\nTrained with {config.qat} quantization-aware training with {acts}"
+                    f"{' and learned weight scales' if config.qat_learn_scales else ''}. `model-quantized/` holds the "
+                    "integer model whose forward QAT simulated, with those scales (load it with `s2d.load_model`); "
+                    f"`model/` the float weights{refit}.\n")
     text += [f"\n![{name}](figures/{path.name})\n" for name, path in figures.items()]
     run.write_text("report.md", "\n".join(text))

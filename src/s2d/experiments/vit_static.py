@@ -7,7 +7,10 @@ every token: per-tensor static activation scales (RepQ-ViT's regime). The root h
   batches, each a finetune run folder with `curve.json` (per kept checkpoint: max |x| on the calibration images
   and the FP and per-tensor static PTQ accuracies) and `ptq.json` (every cell of CELLS on the final model);
 - `selection.json`: S2D's τ, chosen on `pretrain-long` before any S2D run (bench/exp_vit.py's rule);
-- `ft-adamw-s<seed>` and `ft-s2d-s<seed>`: fine-tunes of `pretrain-long`, each with `ptq.json`.
+- `ft-adamw-s<seed>` and `ft-s2d-s<seed>`: fine-tunes of `pretrain-long`, each with `ptq.json`;
+- `qat-adamw-s<seed>` and `qat-s2d-s<seed>`: the same fine-tunes with W4A4 QAT at per-tensor static activation
+  scales (QAT_OPTIONS: calibrated on the first training batch, then learned by LSQ), each with `qat.json`
+  (QAT_CELLS: the saved integer model with its learned scales, its float weights, and static PTQ of those weights).
 Accuracies in the JSON are fractions; the tables show percentage points. Nothing here is typed in by hand
 except PAPER, the published numbers printed beside ours as theirs.
 """
@@ -35,9 +38,24 @@ TARGET_GAIN, TARGET_GAP = 3.0, 5.0  # points: S2D − AdamW wanted at a static c
 PAPER = {"FP": ("FP", 85.0, 85.0), "W6A6 static+reparam": ("RepQ-ViT W6A6", 58.5, 80.0),
          "W5A5 static+reparam": ("RepQ-ViT W5A5", 46.0, 78.0), "W5A5 static": ("PTQ4ViT W5A5", 3.4, 62.0),
          "W4A4 static+reparam": ("ERQ W4A4", 65.6, 73.0)}
-QAT_NOTE = ("QAT W4A4 with per-tensor static scales is not run: `s2d finetune --qat` trains with the scheme's "
-            "defaults only (QuantConfig.from_scheme: per-token dynamic activation scales), and its FakeQuantLinear has "
-            "no calibrated static scale.")
+# QAT: W4A4 with per-tensor static activation scales (`s2d finetune --qat W4A4 --qat-option KEY=VALUE ...`).
+QAT_ARMS = ("qat-adamw", "qat-s2d")
+QAT_OPTIONS = {"a_static": True, "a_granularity": "per_tensor", "a_observer": "minmax"}
+QAT_CELLS = ("W4A4 qat-static", "FP", "W4A4 static")
+QAT_LABELS = {"W4A4 qat-static": "QAT W4A4 static (integer model, learned scales)",
+              "FP": "QAT: its float weights (FP)", "W4A4 static": "QAT: static PTQ of its float weights"}
+PAPER_QAT = {"W4A4 qat-static": ("QAT W4A4", 65.8, 69.7)}
+QAT_NOTE = ("QAT arms: `s2d finetune --qat W4A4` with per-tensor static activation scales (min-max) calibrated on the "
+            "first training batch, then learned with the weights (LSQ, gradient scaled by 1/sqrt(N·Qp)); each is "
+            "scored as its saved integer model (`model-quantized/`, the learned scales), whose forward is the QAT "
+            "forward bit for bit. Their FP row is the accuracy of the QAT weights in float, and the gap column is "
+            "measured from it.")
+
+
+def qat_args() -> list[str]:
+    """The `s2d finetune` flags of the QAT arms."""
+    return ["--qat", "W4A4", *[a for k, v in QAT_OPTIONS.items()
+                               for a in ("--qat-option", f"{k}={str(v).lower() if isinstance(v, bool) else v}")]]
 
 
 def quant_config(cell: str):
@@ -63,13 +81,13 @@ def plan(root: Path) -> dict:
     return p
 
 
-def arm_runs(root: Path) -> dict[str, dict[int, dict]]:
-    """Arm -> seed -> ptq.json, for the fine-tunes that have one."""
-    out: dict[str, dict[int, dict]] = {arm: {} for arm in ARMS}
-    for arm in ARMS:
+def arm_runs(root: Path, arms: tuple[str, ...] = ARMS, file: str = "ptq.json") -> dict[str, dict[int, dict]]:
+    """Arm -> seed -> `file` (ptq.json, or qat.json for QAT_ARMS), for the fine-tunes that have one."""
+    out: dict[str, dict[int, dict]] = {arm: {} for arm in arms}
+    for arm in arms:
         for p in root.glob(f"{arm}-s[0-9]*"):
-            if (p / "ptq.json").is_file() and p.name.rsplit("-s", 1)[1].isdigit():
-                out[arm][int(p.name.rsplit("-s", 1)[1])] = json.loads((p / "ptq.json").read_text())
+            if (p / file).is_file() and p.name.rsplit("-s", 1)[1].isdigit():
+                out[arm][int(p.name.rsplit("-s", 1)[1])] = json.loads((p / file).read_text())
     return {arm: dict(sorted(runs.items())) for arm, runs in out.items()}
 
 
@@ -84,24 +102,31 @@ def t_interval(values: list[float]) -> tuple[float, float]:
 
 def summary(root: Path) -> dict:
     """Per cell: each arm's per-seed accuracies (points), mean and SD; the paired S2D − AdamW differences over the
-    seeds both arms finished, with their mean and 95% t half-width; AdamW's mean gap to FP."""
-    runs = arm_runs(root)
-    paired_seeds = sorted(set(runs["ft-adamw"]) & set(runs["ft-s2d"]))
+    seeds both arms finished, with their mean and 95% t half-width; AdamW's mean gap to FP. The QAT arms' cells
+    are the same under "qat" (their FP is the QAT weights' own)."""
+    return {**_arm_summary(arm_runs(root), ARMS, CELLS),
+            "qat": _arm_summary(arm_runs(root, QAT_ARMS, "qat.json"), QAT_ARMS, QAT_CELLS)}
+
+
+def _arm_summary(runs: dict[str, dict[int, dict]], arms: tuple[str, str], cells_of: tuple[str, ...]) -> dict:
+    adamw, s2d = arms  # entries are keyed "ft-adamw"/"ft-s2d" for both pairs, so one table and reading serve both
+    paired_seeds = sorted(set(runs[adamw]) & set(runs[s2d]))
     cells: dict[str, dict] = {}
-    for cell in CELLS:
+    for cell in cells_of:
         entry: dict = {}
-        for arm in ARMS:
+        for arm, key in zip(arms, ARMS, strict=True):
             vals = [100 * r[cell] for r in runs[arm].values() if r.get(cell) is not None]
-            entry[arm] = {"values": vals, "mean": statistics.mean(vals) if vals else None,
+            entry[key] = {"values": vals, "mean": statistics.mean(vals) if vals else None,
                           "sd": statistics.stdev(vals) if len(vals) > 1 else None}
-        diffs = [100 * (runs["ft-s2d"][s][cell] - runs["ft-adamw"][s][cell]) for s in paired_seeds
-                 if runs["ft-s2d"][s].get(cell) is not None and runs["ft-adamw"][s].get(cell) is not None]
+        diffs = [100 * (runs[s2d][s][cell] - runs[adamw][s][cell]) for s in paired_seeds
+                 if runs[s2d][s].get(cell) is not None and runs[adamw][s].get(cell) is not None]
         entry["diffs"] = diffs
         entry["diff"], entry["half"] = t_interval(diffs) if diffs else (None, None)
-        gaps = [100 * (r["FP"] - r[cell]) for r in runs["ft-adamw"].values() if r.get(cell) is not None]
+        gaps = [100 * (r["FP"] - r[cell]) for r in runs[adamw].values() if r.get(cell) is not None]
         entry["adamw_gap"] = statistics.mean(gaps) if gaps else None
         cells[cell] = entry
-    return {"seeds": {arm: list(runs[arm]) for arm in ARMS}, "paired_seeds": paired_seeds, "cells": cells}
+    return {"seeds": {key: list(runs[arm]) for arm, key in zip(arms, ARMS, strict=True)},
+            "paired_seeds": paired_seeds, "cells": cells}
 
 
 def _pm(mean: float | None, sd: float | None) -> str:
@@ -126,9 +151,16 @@ def table(root: Path) -> str:
     s = summary(root)
     n = {arm: len(v) for arm, v in s["seeds"].items()}
     rows = []
-    for cell, e in s["cells"].items():
-        paper = PAPER.get(cell)
-        rows.append([cell, _pm(e["ft-adamw"]["mean"], e["ft-adamw"]["sd"]), _pm(e["ft-s2d"]["mean"], e["ft-s2d"]["sd"]),
+    qat, q_n = s["qat"], {arm: len(v) for arm, v in s["qat"]["seeds"].items()}
+    # The QAT rows follow the PTQ ones when any QAT arm has finished; their seed counts are named if they differ.
+    shown = [*((c, c, e, PAPER) for c, e in s["cells"].items()),
+             *((QAT_LABELS[c] + ("" if (q_n, len(qat["paired_seeds"])) == (n, len(s["paired_seeds"])) else
+                                 f" ({q_n['ft-adamw']}/{q_n['ft-s2d']} seeds, {len(qat['paired_seeds'])} paired)"),
+                c, e, PAPER_QAT) for c, e in qat["cells"].items() if any(q_n.values()))]
+    for label, cell, e, papers in shown:
+        paper = papers.get(cell)
+        rows.append([label, _pm(e["ft-adamw"]["mean"], e["ft-adamw"]["sd"]),
+                     _pm(e["ft-s2d"]["mean"], e["ft-s2d"]["sd"]),
                      _ci(e["diff"], e["half"]), "-" if cell == "FP" or e["adamw_gap"] is None else
                      f"{e['adamw_gap']:.2f}",
                      f"{paper[0]}: {paper[1]:g} → {paper[2]:g}" if paper else ""])
@@ -222,6 +254,7 @@ def reading(root: Path) -> list[str]:
         if dyn["adamw_gap"] is not None:
             lines.append(f"Control, per-token dynamic W4A4: AdamW loses {dyn['adamw_gap']:.2f} points to FP; S2D − "
                          f"AdamW {_ci(dyn['diff'], dyn['half'])}.")
+    lines += _qat_reading(s)
     pre = {name: (_json(root / name / "ptq.json"), _json(root / name / "metrics.json")) for name in PRETRAINS}
     if all(p and m for p, m in pre.values()):
         (pa, ma), (ps, _) = pre["pretrain-long"], pre["pretrain-long-s2d"]
@@ -242,6 +275,24 @@ def reading(root: Path) -> list[str]:
                          f"FP − W6A6 static {100 * (a['FP'] - a['W6A6 static']):.2f} → "
                          f"{100 * (b['FP'] - b['W6A6 static']):.2f}.")
     return lines
+
+
+def _qat_reading(s: dict) -> list[str]:
+    """The QAT arms in plain words: S2D against AdamW after QAT, and QAT against static PTQ of the fine-tunes."""
+    q = s["qat"]
+    n = len(q["paired_seeds"])
+    if not n:
+        return []
+    e, ptq = q["cells"]["W4A4 qat-static"], s["cells"]["W4A4 static"]
+    verdict = {1: "S2D better beyond the 95% interval", -1: "S2D worse beyond the 95% interval",
+               0: "no difference beyond the 95% interval" if n > 1 else "one paired seed, no interval"}[_beyond(e)]
+    line = (f"QAT W4A4 with learned per-tensor static scales ({n} paired seed{'s' if n > 1 else ''}): AdamW "
+            f"{_pm(e['ft-adamw']['mean'], e['ft-adamw']['sd'])}, AdamW+S2D "
+            f"{_pm(e['ft-s2d']['mean'], e['ft-s2d']['sd'])}, S2D − AdamW {_ci(e['diff'], e['half'])} ({verdict})")
+    if ptq["ft-adamw"]["mean"] is not None and ptq["ft-s2d"]["mean"] is not None:
+        line += (f"; static W4A4 PTQ of the plain fine-tunes: AdamW {ptq['ft-adamw']['mean']:.2f}, AdamW+S2D "
+                 f"{ptq['ft-s2d']['mean']:.2f}")
+    return [line + "."]
 
 
 def settings(root: Path) -> dict[str, str]:
@@ -289,7 +340,8 @@ def selections(root: Path) -> str:
     """How many Linears S2D decayed at its first and at its last refresh, per S2D run (a run that selected none
     was plain AdamW)."""
     parts = []
-    for folder in [root / "pretrain-long-s2d", *sorted(root.glob("ft-s2d-s[0-9]*"))]:
+    for folder in [root / "pretrain-long-s2d", *sorted(root.glob("ft-s2d-s[0-9]*")),
+                   *sorted(root.glob("qat-s2d-s[0-9]*"))]:
         m = _json(folder / "metrics.json")
         refreshes = (m or {}).get("refreshes") or []
         if refreshes:
@@ -311,7 +363,8 @@ def report(root: Path) -> str:
     if sel:
         parts.append(f"S2D option (chosen on pretrain-long before any S2D run): {sel['reg_option']}. "
                      + selections(root))
-    parts += ["Fine-tunes of pretrain-long:", table(root), "Pre-trainings (final models):", pretrain_table(root),
+    parts += ["Fine-tunes of pretrain-long (the QAT rows: the QAT fine-tunes, see the last note):",
+              table(root), "Pre-trainings (final models):", pretrain_table(root),
               "Over pre-training (kept checkpoints):", curve_table(root),
               "\n".join(f"- {line}" for line in [*reading(root), QAT_NOTE])]
     return "\n\n".join(parts)

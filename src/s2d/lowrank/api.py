@@ -44,6 +44,7 @@ class CompressionReport:
     calibration_tokens: int
     search: dict | None = None
     shapes: dict[str, list[int]] = field(default_factory=dict)  # every block Linear: [d_out, d_in, block]
+    speed: dict | None = None  # with skip_slower: the Linears left dense and the timings that decided it
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -92,6 +93,33 @@ def plan_for(model: nn.Module, desc: ModelDescription, config: LowRankConfig, fi
     return plan_keep(layers, targets, model_parameters(model), config.keep, config.schedule)
 
 
+def skip_slower(plan: RankPlan, config: LowRankConfig) -> tuple[RankPlan, dict | None]:
+    """With `config.skip_slower`, drop from the plan every Linear whose factorized matmuls time slower than its
+    dense one at `skip_slower_tokens` rows; it stays dense with all its parameters, so the plan's counts (and
+    the report's fraction kept) are the real ones, above the budget's target when anything was dropped."""
+    if not config.skip_slower or not plan.ranks:
+        return plan, None
+    from s2d.lowrank.speed import SpeedCheck
+
+    check, by_name = SpeedCheck(config.skip_slower_tokens), {layer.name: layer for layer in plan.layers}
+    skipped = {}
+    for name, rank in plan.ranks.items():
+        t = check.check(by_name[name].d_in, by_name[name].d_out, rank)
+        if t.slower:
+            skipped[name] = {"rank": rank, "dense_s": t.dense_s, "factorized_s": t.factorized_s}
+    ranks = {n: r for n, r in plan.ranks.items() if n not in skipped}
+    blocks = [b for b in plan.blocks if any(by_name[n].block == b for n in ranks)]
+    kept = RankPlan(ranks, plan.layers, plan.model_params, plan.b, blocks, plan.kept_dense)
+    if skipped:
+        log.info("%d of %d Linears left dense: their factorized form times slower at %d token(s)", len(skipped),
+                 len(plan.ranks), config.skip_slower_tokens)
+    info = {"tokens": config.skip_slower_tokens, "skipped": skipped,
+            "planned_fraction_kept": plan.summary()["fraction_kept"],
+            "fraction_kept": kept.summary()["fraction_kept"],
+            "timings": [t.to_dict() for t in check.timings.values()]}
+    return kept, info
+
+
 def decompose_blocks(desc: ModelDescription, ranks: dict[str, int], config: LowRankConfig, batch,
                      source: DiskBlocks | None = None, progress: bool = True) -> None:
     """Replace each named Linear by its FactorizedLinear at the planned rank, block by block. With
@@ -131,14 +159,14 @@ def decompose_blocks(desc: ModelDescription, ranks: dict[str, int], config: LowR
 
 
 def _report(model_params_after: int, plan: RankPlan, config: LowRankConfig, t0: float, tokens: int,
-            search: dict | None = None) -> CompressionReport:
+            search: dict | None = None, speed: dict | None = None) -> CompressionReport:
     summary = plan.summary()
     if summary["params_after"] != model_params_after:
         raise RuntimeError(f"internal: the model has {model_params_after} parameters, the plan expected "
                            f"{summary['params_after']}")
     shapes = {layer.name: [layer.d_out, layer.d_in, layer.block] for layer in plan.layers}
     return CompressionReport(config.method, config.to_dict(), summary, dict(plan.ranks), time.perf_counter() - t0,
-                             peak_rss_mb(), tokens, search, shapes)
+                             peak_rss_mb(), tokens, search, shapes, speed)
 
 
 def _batch(config: LowRankConfig, calib, tokenizer) -> tuple[object, int]:
@@ -165,11 +193,11 @@ def compress(model: nn.Module, config: LowRankConfig, filter: Filter | None = No
                                      probe)
         _describe_in_config(model, config)
         return _report(model_parameters(model), plan, config, t0, tokens, info)
-    plan = plan_for(model, desc, config, filter)
+    plan, speed = skip_slower(plan_for(model, desc, config, filter), config)
     batch, tokens = _batch(config, calib, tokenizer) if plan.ranks else (None, 0)
     decompose_blocks(desc, plan.ranks, config, batch, progress=progress)
     _describe_in_config(model, config)
-    return _report(model_parameters(model), plan, config, t0, tokens)
+    return _report(model_parameters(model), plan, config, t0, tokens, speed=speed)
 
 
 def _describe_in_config(model: nn.Module, config: LowRankConfig) -> None:
@@ -205,7 +233,7 @@ def compress_folder(folder: str | Path, config: LowRankConfig, out: str | Path, 
     desc = describe(model)
     if calib is None and tokenizer is None and STATS[config.method]:
         raise S2DError(f"{config.method} calibrates on data: pass calib (token ids) or the model's tokenizer")
-    plan = plan_for(model, desc, config, filter)
+    plan, speed = skip_slower(plan_for(model, desc, config, filter), config)
     batch, tokens = _batch(config, calib, tokenizer) if plan.ranks else (None, 0)
     by_name = {layer.name: layer for layer in plan.layers}
     source_bytes = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
@@ -216,4 +244,4 @@ def compress_folder(folder: str | Path, config: LowRankConfig, out: str | Path, 
                                   "layers": {n: {"rank": r, "bias": by_name[n].factor_bias}
                                              for n, r in plan.ranks.items()}}
         source.finish(raw_config)
-    return _report(model_parameters(model), plan, config, t0, tokens)
+    return _report(model_parameters(model), plan, config, t0, tokens, speed=speed)

@@ -27,7 +27,10 @@ class LowRankConfig(Config):
             "further below --keep's reach",
             "acc_tolerance": "task search: accuracy drop allowed per chunk against the dense model",
             "calib": "calibration text (wiki: the train split)", "n_samples": "calibration sequences",
-            "seq_len": "calibration sequence length", "seed": "seed of the calibration windows"}
+            "seq_len": "calibration sequence length", "seed": "seed of the calibration windows",
+            "skip_slower": "leave a Linear dense where its two factors time slower than its one dense matmul on "
+            "this machine (budgets and --ranks; the model then keeps more than --keep)",
+            "skip_slower_tokens": "tokens per matmul in the --skip-slower timing: 1 is decode, e.g. 256 is prefill"}
     CHOICES = {"method": METHODS, "schedule": SCHEDULES, "search": SEARCHES}
 
     method: str = "rom"  # svd (weight space), asvd (whitened SVD), rom (feature space)
@@ -48,6 +51,8 @@ class LowRankConfig(Config):
     sequential: bool = True  # each layer calibrates on the outputs of the already-compressed layers upstream
     damp: float = 1e-4  # asvd: λ = damp · mean(diag XᵀX) added before Cholesky (raised ×10 if it fails)
     chunk_size: int = 32  # calibration sequences per forward, to bound activation memory
+    skip_slower: bool = False  # keep dense the Linears whose factorized matmuls time slower here (s2d.lowrank.speed)
+    skip_slower_tokens: int = 1  # rows of x in that timing: 1 = one decode step
 
     def validate(self) -> LowRankConfig:
         if self.method not in METHODS:
@@ -71,6 +76,11 @@ class LowRankConfig(Config):
             raise S2DError("search_fraction must be in (0, 1), search_chunks ≥ 1 and acc_tolerance ≥ 0")
         if self.tolerance < 1:
             raise S2DError(f"tolerance must be ≥ 1 (got {self.tolerance})")
+        if self.skip_slower_tokens < 1:
+            raise S2DError(f"skip_slower_tokens must be ≥ 1 (got {self.skip_slower_tokens})")
+        if self.skip_slower and self.search is not None:
+            # the search picks ranks by accuracy Linear by Linear; timing its candidates is not supported yet
+            raise S2DError("skip_slower works with --keep budgets and --ranks, not with --search; drop one")
         if self.damp < 0:
             raise S2DError(f"damp must be ≥ 0 (got {self.damp})")
         return self

@@ -150,28 +150,28 @@ def calibrate_activations(model: nn.Module, calib: CalibBatch, chunk_size: int =
 
 
 def prepare_qat(model: nn.Module, config: QuantConfig, filter: Filter | None = None,
-                learn_scales: bool = False) -> nn.Module:
+                learn_scales: bool = False, learn_act_scales: bool = True) -> nn.Module:
     """Swap the targeted Linears for FakeQuantLinears (float weights, STE gradients) for quantization-aware training.
 
-    With `learn_scales`, each weight scale is a parameter (LSQ); add it to the optimizer with the weights.
+    With `learn_scales`, each weight scale is a parameter (LSQ); add it to the optimizer with the weights. With
+    config.a_static, each input gets a per-tensor scale to calibrate (s2d.quant.qat.calibrate_qat), then learned
+    by LSQ (`learn_act_scales`) or kept fixed.
     """
     target = filter or describe(model).is_target
     _check_group_size(model, config, target)
     specs = resolve(model, config, target)
-    swap_linears(model, target,
-                 lambda linear, name: FakeQuantLinear.from_linear(linear, *specs[name], learn_scales))
+    swap_linears(model, target, lambda linear, name: FakeQuantLinear.from_linear(
+        linear, *specs[name], learn_scales, config.a_static, learn_act_scales))
     model.s2d_quant_config = config
     return model
 
 
 @torch.no_grad()
 def convert_qat(model: nn.Module, config: QuantConfig) -> nn.Module:
-    """Turn a QAT model into QuantLinears holding the very integers its forward rounded to (in place)."""
+    """Turn a QAT model into QuantLinears holding the very integers its forward rounded to and, for static
+    activations, the scales it learned (in place): the result's forward is the QAT model's eval forward."""
     def make(linear: nn.Module, name: str) -> nn.Module:
-        if not isinstance(linear, FakeQuantLinear):
-            return linear
-        q, scale, zero = linear.integer_weight()
-        return QuantLinear.from_linear(linear, linear.w_spec, linear.a_spec, False, q, scale, zero)
+        return linear.to_quant_linear() if isinstance(linear, FakeQuantLinear) else linear
 
     swap_linears(model, lambda m, name: isinstance(m, FakeQuantLinear), make)
     model.s2d_quant_config = config
@@ -183,7 +183,7 @@ def strip_qat(model: nn.Module) -> nn.Module:
     """Put plain nn.Linears (the float weights) back in place of FakeQuantLinears, in place."""
     def make(linear: nn.Module, name: str) -> nn.Module:
         plain = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None)
-        plain.load_state_dict({k: v for k, v in linear.state_dict().items() if k != "weight_scale"})
+        plain.load_state_dict({k: v for k, v in linear.state_dict().items() if k in ("weight", "bias")})
         return plain.to(linear.weight.device, linear.weight.dtype)
 
     swap_linears(model, lambda m, name: isinstance(m, FakeQuantLinear), make)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -142,29 +144,63 @@ class QuantLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, {w}, {a}{rot}"
 
 
+class _GradScale(torch.autograd.Function):
+    """The identity forward (bit for bit, so QAT's eval forward equals the integer model's), the gradient × g."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, g: float) -> torch.Tensor:
+        ctx.g = g
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad * ctx.g, None
+
+
 class FakeQuantLinear(nn.Linear):
     """For quantization-aware training: float weights, fake-quantized (weights and inputs) in the forward.
 
     Gradients pass through the rounding by the straight-through estimator. With `learn_scale`, each output
     channel's weight scale is a parameter trained with the weights (LSQ); otherwise it follows min-max.
+    With `a_static`, the input has one per-tensor scale (`act_scale`), set by calibration (s2d.quant.qat) and
+    then, with `learn_act_scale`, learned by LSQ (a parameter); without it kept fixed (a buffer).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool, w_spec: QuantSpec | None,
-                 a_spec: QuantSpec | None, learn_scale: bool = False):
+                 a_spec: QuantSpec | None, learn_scale: bool = False, a_static: bool = False,
+                 learn_act_scale: bool = True):
         super().__init__(in_features, out_features, bias=bias)
         self.w_spec, self.a_spec = w_spec, a_spec
+        self.a_static = bool(a_static and a_spec is not None)
+        self.observer: RangeObserver | None = None
         if learn_scale:
             if w_spec is None or not w_spec.symmetric or w_spec.granularity != "per_channel":
                 raise S2DError("learnable QAT scales need symmetric per-channel weights (e.g. scheme W4A4 defaults)")
             self.weight_scale = nn.Parameter(torch.ones(out_features))  # 1-D: no weight decay on it
         else:
             self.weight_scale = None
+        if self.a_static:
+            if a_spec.granularity != "per_tensor":
+                raise S2DError("static activation scales are per_tensor: set a_granularity=per_tensor")
+            if learn_act_scale and not a_spec.symmetric:
+                raise S2DError("learned static activation scales (LSQ) are symmetric: set a_symmetric=true, or keep "
+                               "the calibrated asymmetric scales fixed")
+            if learn_act_scale:  # 0-d: AdamW's param_groups leave it undecayed
+                self.act_scale = nn.Parameter(torch.ones(()))
+            else:
+                self.register_buffer("act_scale", torch.ones(()))
+            self.register_buffer("act_zero_point",
+                                 None if a_spec.symmetric else torch.zeros((), dtype=a_spec.int_dtype))
+            # Saved with the checkpoints: a resumed run keeps its learned scale and is not calibrated again.
+            self.register_buffer("act_calibrated", torch.zeros((), dtype=torch.bool))
 
     @classmethod
     @torch.no_grad()
     def from_linear(cls, linear: nn.Linear, w_spec: QuantSpec | None, a_spec: QuantSpec | None,
-                    learn_scale: bool = False) -> FakeQuantLinear:
-        new = cls(linear.in_features, linear.out_features, linear.bias is not None, w_spec, a_spec, learn_scale)
+                    learn_scale: bool = False, a_static: bool = False,
+                    learn_act_scale: bool = True) -> FakeQuantLinear:
+        new = cls(linear.in_features, linear.out_features, linear.bias is not None, w_spec, a_spec, learn_scale,
+                  a_static, learn_act_scale)
         new.weight.copy_(linear.weight)
         if linear.bias is not None:
             new.bias.copy_(linear.bias)
@@ -189,7 +225,67 @@ class FakeQuantLinear(nn.Linear):
             scale, zero = self.weight_scale.detach().abs().clamp_min(1e-8).float().reshape(-1, 1), None
         return quantize_affine(w, scale, zero, self.w_spec), scale, zero
 
+    @property
+    def learns_act_scale(self) -> bool:
+        return self.a_static and isinstance(self.act_scale, nn.Parameter)
+
+    def static_act_scale(self) -> torch.Tensor:
+        """The scale the forward divides by: positive however the optimizer moved the parameter."""
+        return self.act_scale.abs().clamp_min(1e-8)
+
+    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        if self.observer is not None:  # calibrating the static scale: observe, do not quantize yet
+            self.observer.update(x)
+            return x
+        if not self.a_static:
+            return fake_quantize(x, self.a_spec)
+        if not bool(self.act_calibrated):
+            raise S2DError("this QAT layer's static activation scale was never calibrated: run "
+                           "s2d.quant.qat.calibrate_qat(model, batches) before training (s2d.train.train does)")
+        if not self.learns_act_scale:  # QuantLinear's own static path, so the integer model matches bit for bit
+            ones = [1] * x.dim()
+            zero = None if self.act_zero_point is None else self.act_zero_point.reshape(ones)
+            return fake_quantize(x, self.a_spec, self.act_scale.reshape(ones), zero)
+        scale = self.static_act_scale()
+        if torch.is_grad_enabled() and scale.requires_grad:
+            # LSQ's gradient scale g = 1/sqrt(N·Qp), N the values this scale quantizes here: without it the scale's
+            # gradient, a sum over every input value, would dwarf the weights' and dominate gradient clipping.
+            scale = _GradScale.apply(scale, 1.0 / math.sqrt(x.numel() * self.a_spec.qmax))
+        return lsq_fake_quantize(x, scale.to(x.dtype), self.a_spec)
+
+    def start_calibration(self) -> None:
+        if self.a_static:
+            self.observer = RangeObserver(self.a_spec)
+
+    @torch.no_grad()
+    def finish_calibration(self) -> None:
+        """Set the static scale (and zero point) from what the observer saw; nothing if it was not calibrating."""
+        if self.observer is None:
+            return
+        observer, self.observer = self.observer, None
+        scale, zero = observer.qparams()
+        self.act_scale.copy_(scale.reshape(()))
+        if zero is not None:
+            self.act_zero_point.copy_(zero.reshape(()))
+        self.act_calibrated.fill_(True)
+
+    @torch.no_grad()
+    def to_quant_linear(self) -> QuantLinear:
+        """The QuantLinear whose forward is this layer's eval forward: the integers it rounds the weight to and,
+        if static, the (learned) activation scale it uses."""
+        q, scale, zero = self.integer_weight() if self.w_spec is not None else (None, None, None)
+        new = QuantLinear.from_linear(self, self.w_spec, self.a_spec, self.a_static, q, scale, zero)
+        if self.a_static:
+            new.act_scale.copy_(self.static_act_scale().float())
+            if self.act_zero_point is not None:
+                new.act_zero_point.copy_(self.act_zero_point)
+        return new
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.a_spec is not None:
-            x = fake_quantize(x, self.a_spec)
+            x = self.quantize_input(x)
         return F.linear(x, self.quantized_weight(), self.bias)
+
+    def extra_repr(self) -> str:
+        a = "" if not self.a_static else f", static input scale ({'learned' if self.learns_act_scale else 'fixed'})"
+        return super().extra_repr() + a

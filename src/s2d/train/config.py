@@ -14,6 +14,9 @@ class TrainConfig(Config):
     HELP = {"task": "lm: wiki text; cls: polarity sentences (encoders); image: digits or fashion-mnist (ViTs)",
             "reg": "the regularizer", "qat": "quantization-aware training, e.g. W4A4",
             "qat_learn_scales": "with --qat: learn each weight scale with the weights (LSQ)",
+            "qat_fixed_act_scales": "with a static --qat (--qat-option a_static=true): keep the calibrated "
+                                    "activation scales fixed instead of learning them (LSQ)",
+            "qat_calib_steps": "with a static --qat: the first N steps' batches calibrate the activation scales",
             "steps": "optimizer steps", "lr": "peak learning rate", "weight_decay": "AdamW's decay on ≥2-D weights",
             "batch_size": "global batch per optimizer step", "grad_accum": "micro-batches per step",
             "seq_len": "tokens per sequence", "warmup": "linear warmup steps", "seed": "seed of data and init",
@@ -38,6 +41,9 @@ class TrainConfig(Config):
     reg_config: dict = field(default_factory=dict)
     qat: str | None = None  # e.g. "W4A4": fake-quant forward with a straight-through estimator
     qat_learn_scales: bool = False  # LSQ: each weight scale is trained with the weights
+    qat_options: dict = field(default_factory=dict)  # QuantConfig overrides of the scheme, e.g. a_static: true
+    qat_fixed_act_scales: bool = False  # static QAT: the calibrated activation scales are kept, not learned
+    qat_calib_steps: int = 1  # static QAT: the batches of the first N steps calibrate the scales
     image_data: str = "digits"  # digits | fashion-mnist
     image_folder: str | None = None
     eval_samples: int = 64
@@ -56,15 +62,24 @@ class TrainConfig(Config):
         if self.batch_size % (self.grad_accum * world_size):
             raise S2DError(f"batch_size {self.batch_size} must be divisible by grad_accum × world size "
                            f"({self.grad_accum} × {world_size})")
+        if not self.qat and (self.qat_options or self.qat_fixed_act_scales):
+            raise S2DError("QAT options (--qat-option, --qat-fixed-act-scales) need --qat, e.g. --qat W4A4")
         if self.qat:
-            self.qat_config()
+            static = self.qat_config().a_static
+            if self.qat_fixed_act_scales and not static:
+                raise S2DError("qat_fixed_act_scales keeps static activation scales fixed, but this QAT has dynamic "
+                               "ones: add --qat-option a_static=true --qat-option a_granularity=per_tensor")
+            if self.qat_calib_steps < 1:
+                raise S2DError(f"qat_calib_steps must be ≥ 1, got {self.qat_calib_steps}")
         return self
 
     def qat_config(self):
-        """The QuantConfig QAT simulates: the scheme's defaults, which `s2d quantize --method rtn` reproduces."""
-        from s2d.quant.config import QuantConfig
+        """The QuantConfig QAT simulates: the scheme with qat_options (defaults: per-token dynamic activations,
+        which `s2d quantize --method rtn` reproduces; a static config's scales are QAT's own, saved with the
+        integer model)."""
+        from s2d.quant.qat import qat_quant_config
 
-        return QuantConfig.from_scheme(self.qat)
+        return qat_quant_config(self.qat, self.qat_options)
 
     @property
     def micro_batch(self) -> int:

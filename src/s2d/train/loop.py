@@ -56,6 +56,9 @@ def train(model, task, config: TrainConfig, checkpoint_dir: Path | None = None, 
     ctx = DistributedContext.from_env()
     config.validate(ctx.world_size)
     torch.manual_seed(config.seed)
+    found = latest_checkpoint(checkpoint_dir) if checkpoint_dir is not None else None
+    if found is None:  # a resumed run loads its (learned) static QAT scales with the weights instead
+        _calibrate_static_qat(model, task, config, ctx)
     optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.lr)
     reg = make_regularizer(config.reg, model, config.reg_config, optimizer)
     scheduler = cosine_with_warmup(optimizer, config.warmup, config.steps)
@@ -64,7 +67,7 @@ def train(model, task, config: TrainConfig, checkpoint_dir: Path | None = None, 
     meta = {"model": model_name, "world_size": ctx.world_size,
             "n_parameters": sum(p.numel() for p in model.parameters()), "config": config.to_dict()}
     result, start = TrainResult(), 0
-    if checkpoint_dir is not None and (found := latest_checkpoint(checkpoint_dir)) is not None:
+    if found is not None:
         start, record = load_checkpoint(found, model, optimizer, scheduler, reg, meta)
         result.resumed_from, result.history, result.evals = start, record["history"], record["evals"]
         if reg is not None:
@@ -126,6 +129,18 @@ def train(model, task, config: TrainConfig, checkpoint_dir: Path | None = None, 
     model.eval()
     result.steps, result.seconds = config.steps, time.perf_counter() - t0
     return result
+
+
+def _calibrate_static_qat(model, task, config: TrainConfig, ctx: DistributedContext) -> None:
+    """Static QAT scales from the micro-batches of the first qat_calib_steps steps, before the optimizer sees them.
+    Before the DDP wrap too, which copies rank 0's parameters (these scales included) to every rank."""
+    if not config.qat:
+        return
+    from s2d.quant.qat import calibrate_qat, needs_qat_calibration
+
+    if needs_qat_calibration(model):
+        calibrate_qat(model, (batch for step in range(config.qat_calib_steps)
+                              for batch in _micro_batches(task, config, ctx, step)))
 
 
 def _micro_batches(task, config: TrainConfig, ctx: DistributedContext, step: int) -> Iterator[dict]:
