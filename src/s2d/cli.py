@@ -47,7 +47,7 @@ LOWRANK_FLAGS = ["method", "keep", "schedule", "search", "search_task", "toleran
                  "n_samples", "seq_len", "seed", "skip_slower", "skip_slower_tokens"]
 QUANT_FLAGS = ["tasks", "eval_seq_len", "ppl_tokens", "limit", "n_samples", "seq_len", "seed", "avg_bits",
                "high_scheme", "sensitivity_samples", "sensitivity_seq_len"]
-DIAGNOSE_FLAGS = ["data", "image_folder", "n_samples", "seq_len", "batch_size", "seed"]
+DIAGNOSE_FLAGS = ["data", "image_folder", "n_samples", "seq_len", "batch_size", "seed", "spectra"]
 EXPORT_FLAGS = ["type", "weights_only", "check_tokens"]
 
 

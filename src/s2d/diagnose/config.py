@@ -14,7 +14,8 @@ class DiagnoseConfig(Config):
             "image_folder": "a Fashion-MNIST folder instead of the Debian path",
             "n_samples": "calibration sequences", "seq_len": "tokens per sequence",
             "batch_size": "sequences per forward pass", "seed": "seed of the calibration windows",
-            "spectra": "fast (Gram eigenvalues + subspace iteration, checked) or exact (one dense SVD per Linear)"}
+            "spectra": ("fast (one eigh of the smaller Gram matrix, every σ and vector checked, dense SVD where a "
+                        "check fails) or exact (one dense SVD per Linear)")}
     CHOICES = {"data": ("wiki", "fashion-mnist", "digits"), "spectra": ("fast", "exact")}
     data: str = "wiki"  # wiki (validation split) for text models, fashion-mnist or digits for ViTs
     split: str = "validation"
