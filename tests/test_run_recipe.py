@@ -163,6 +163,8 @@ BAD = [
      r"line 5: stage 0 \(compress\): unknown option 'kep'; known: .*keep"),
     ("model: tiny:llama\nstages:\n  - stage: compress\n  - stage: quantize\n    method: smooth+gptq\n",
      r"line 4: stage 1 \(quantize\): method 'smooth\+gptq' applies SmoothQuant"),
+    ("model: tiny:llama\nstages:\n  - stage: compress\n  - stage: quantize\n    scheme: W4A4\n    recipe: best\n",
+     r"line 4: stage 1 \(quantize\): quantizes activations in groups of 32.*rank_multiple: 32"),
     ("model: tiny:llama\nstages:\n  - stage: quantize\n  - stage: finetune\n",
      r"line 4: stage 1 \(finetune\) cannot follow a quantize stage"),
     ("seed: 0\nstages:\n  - stage: eval\n", r"names no model"),

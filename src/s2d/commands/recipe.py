@@ -298,6 +298,7 @@ def model_state(model: str) -> str:
 def check_order(stages: list[Stage], model: str, where: str = "recipe", cell: str = "") -> None:
     """Refuse a stage that cannot follow the ones before it (the model state each leaves behind)."""
     state = model_state(model)
+    rank_step = 1  # every rank of the compress stage before is a multiple of it
     for s in stages:
         name = f"{where}{_at(s.line)}: stage {s.index} ({s.kind}){cell}"
         if state == "exported":
@@ -319,6 +320,7 @@ def check_order(stages: list[Stage], model: str, where: str = "recipe", cell: st
             if state == "lowrank":
                 raise S2DError(f"{name}: the model is already low-rank (compressed once); give one compress stage")
             state = "dense" if s.extras.get("merge") else "lowrank"
+            rank_step = s.config.rank_multiple
         elif s.kind == "quantize":
             if state == "quantized":
                 raise S2DError(f"{name}: the model is already quantized; give one quantize stage")
@@ -328,7 +330,19 @@ def check_order(stages: list[Stage], model: str, where: str = "recipe", cell: st
                 raise S2DError(f"{name}: method {method!r} applies SmoothQuant, which cannot rescale the low-rank "
                                "pairs an earlier compress stage made. Use rotation, RTN or GPTQ (e.g. rotate+gptq or "
                                "recipe: best) after compressing, compress with merge: true, or quantize first")
+            if state == "lowrank":
+                _check_groups(config.quant_config(scheme, method), rank_step, name)
             state = "quantized"
+
+
+def _check_groups(q, rank_step: int, name: str) -> None:
+    """Groups along a factorized Linear's inner input (its rank) must divide every rank the compress stage picks."""
+    for what, granularity, group in (("activation", q.a_granularity, q.a_group_size),
+                                     ("weight", q.w_granularity, q.w_group_size)):
+        if granularity == "per_group" and group and rank_step % group:
+            raise S2DError(f"{name}: quantizes {what}s in groups of {group}, and the factors the compress stage "
+                           f"before makes have inner inputs of any rank (rank_multiple={rank_step}); give that "
+                           f"stage `rank_multiple: {group}` (or a multiple of it), or merge: true")
 
 
 def stage_key(stage: Stage, input_key: str) -> str:

@@ -90,7 +90,7 @@ def plan_for(model: nn.Module, desc: ModelDescription, config: LowRankConfig, fi
     targets = [layer for layer in layers if layer.name in names]
     if config.ranks is not None:
         return plan_ranks(layers, targets, model_parameters(model), config.ranks)
-    return plan_keep(layers, targets, model_parameters(model), config.keep, config.schedule)
+    return plan_keep(layers, targets, model_parameters(model), config.keep, config.schedule, config.rank_multiple)
 
 
 def skip_slower(plan: RankPlan, config: LowRankConfig) -> tuple[RankPlan, dict | None]:

@@ -92,11 +92,12 @@ class RankPlan:
                 "kept_dense": self.kept_dense}
 
 
-def ranks_at(layers: list[Layer], b: float) -> dict[str, int]:
-    """r = floor(b·κ) (at least 1) for each layer where that rank saves parameters."""
+def ranks_at(layers: list[Layer], b: float, multiple: int = 1) -> dict[str, int]:
+    """r = floor(b·κ) rounded down to a multiple of `multiple` (at least one multiple) for each layer where that
+    rank saves parameters."""
     ranks = {}
     for layer in layers:
-        r = max(1, math.floor(b * layer.kappa))
+        r = max(multiple, math.floor(b * layer.kappa) // multiple * multiple)
         if layer.saves(r):
             ranks[layer.name] = r
     return ranks
@@ -107,9 +108,10 @@ def _saved(layers: list[Layer], ranks: dict[str, int]) -> int:
 
 
 def plan_keep(layers: list[Layer], targets: list[Layer], model_params: int, keep: float,
-              schedule: str = "tail") -> RankPlan:
+              schedule: str = "tail", multiple: int = 1) -> RankPlan:
     """Ranks that keep `keep` of the whole model's parameters: uniform b over the last N target blocks
-    (schedule "tail", N from the paper's presets) or over every block ("uniform")."""
+    (schedule "tail", N from the paper's presets) or over every block ("uniform"); every rank a multiple of
+    `multiple`."""
     if not 0 < keep <= 1:
         raise S2DError(f"keep must be a fraction in (0, 1] (got {keep})")
     target = math.floor(keep * model_params)
@@ -120,18 +122,18 @@ def plan_keep(layers: list[Layer], targets: list[Layer], model_params: int, keep
     n = len(blocks) if schedule == "uniform" else round(len(blocks) * (PRESET_INTERCEPT + PRESET_SLOPE * share))
     for n_blocks in range(min(max(n, 1), len(blocks)), len(blocks) + 1):
         chosen = [t for t in targets if t.block in blocks[-n_blocks:]]
-        if model_params - _saved(chosen, ranks_at(chosen, 0.0)) <= target:
+        if model_params - _saved(chosen, ranks_at(chosen, 0.0, multiple)) <= target:
             break
     else:
-        floor = model_params - _saved(targets, ranks_at(targets, 0.0))
-        raise S2DError(f"keep={keep} is out of reach: rank 1 in every targeted Linear still leaves "
+        floor = model_params - _saved(targets, ranks_at(targets, 0.0, multiple))
+        raise S2DError(f"keep={keep} is out of reach: rank {multiple} in every targeted Linear still leaves "
                        f"{floor / model_params:.1%} of the parameters; ask for a larger keep")
     lo, hi = 0.0, 1.0  # largest b whose count fits (the count only grows with b)
     for _ in range(60):
         mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if model_params - _saved(chosen, ranks_at(chosen, mid)) <= target else (lo, mid)
-    ranks = ranks_at(chosen, lo)
-    # floor(b·κ) moves whole groups of same-shape layers at once; hand out the rest one rank at a time,
+        lo, hi = (mid, hi) if model_params - _saved(chosen, ranks_at(chosen, mid, multiple)) <= target else (lo, mid)
+    ranks = ranks_at(chosen, lo, multiple)
+    # floor(b·κ) moves whole groups of same-shape layers at once; hand out the rest one rank step at a time,
     # last block first, so the count lands within one rank step of the target.
     spare = target - (model_params - _saved(chosen, ranks))
     grew = True
@@ -139,9 +141,9 @@ def plan_keep(layers: list[Layer], targets: list[Layer], model_params: int, keep
         grew = False
         for t in sorted(chosen, key=lambda t: -t.block):
             r = ranks.get(t.name)
-            if r is not None and t.saves(r + 1) and t.d_in + t.d_out <= spare:
-                ranks[t.name] = r + 1
-                spare -= t.d_in + t.d_out
+            if r is not None and t.saves(r + multiple) and multiple * (t.d_in + t.d_out) <= spare:
+                ranks[t.name] = r + multiple
+                spare -= multiple * (t.d_in + t.d_out)
                 grew = True
     return RankPlan(ranks, layers, model_params, b=lo, blocks=blocks[-n_blocks:])
 

@@ -30,7 +30,9 @@ class LowRankConfig(Config):
             "seq_len": "calibration sequence length", "seed": "seed of the calibration windows",
             "skip_slower": "leave a Linear dense where its two factors time slower than its one dense matmul on "
             "this machine (budgets and --ranks; the model then keeps more than --keep)",
-            "skip_slower_tokens": "tokens per matmul in the --skip-slower timing: 1 is decode, e.g. 256 is prefill"}
+            "skip_slower_tokens": "tokens per matmul in the --skip-slower timing: 1 is decode, e.g. 256 is prefill",
+            "rank_multiple": "every rank a multiple of this (budgets and --ranks), e.g. 32 so that W4A4 with "
+            "activation groups of 32 (quantize --recipe best) can quantize the factors' inner input"}
     CHOICES = {"method": METHODS, "schedule": SCHEDULES, "search": SEARCHES}
 
     method: str = "rom"  # svd (weight space), asvd (whitened SVD), rom (feature space)
@@ -53,6 +55,7 @@ class LowRankConfig(Config):
     chunk_size: int = 32  # calibration sequences per forward, to bound activation memory
     skip_slower: bool = False  # keep dense the Linears whose factorized matmuls time slower here (s2d.lowrank.speed)
     skip_slower_tokens: int = 1  # rows of x in that timing: 1 = one decode step
+    rank_multiple: int = 1  # ranks rounded down to multiples of it (group quantization of the inner activation)
 
     def validate(self) -> LowRankConfig:
         if self.method not in METHODS:
@@ -81,6 +84,15 @@ class LowRankConfig(Config):
         if self.skip_slower and self.search is not None:
             # the search picks ranks by accuracy Linear by Linear; timing its candidates is not supported yet
             raise S2DError("skip_slower works with --keep budgets and --ranks, not with --search; drop one")
+        if not (is_whole(self.rank_multiple) and self.rank_multiple >= 1):
+            raise S2DError(f"rank_multiple must be a whole number ≥ 1 (got {self.rank_multiple!r})")
+        if self.rank_multiple > 1 and self.search is not None:
+            # the search walks ranks one at a time by accuracy; stepping it by multiples is not supported yet
+            raise S2DError("rank_multiple works with --keep budgets and --ranks, not with --search; drop one")
+        bad = {role: r for role, r in (self.ranks or {}).items() if is_whole(r) and r % self.rank_multiple}
+        if bad:
+            raise S2DError(f"ranks {bad} are not multiples of rank_multiple={self.rank_multiple}; round them, "
+                           "or drop rank_multiple")
         if self.damp < 0:
             raise S2DError(f"damp must be ≥ 0 (got {self.damp})")
         return self
