@@ -132,6 +132,41 @@ def diagnose(r: Results) -> None:
         r.text(f"Peak RSS grows by {b['peak_growth']:+.1%} from the small to the large run (target < +10%).")
 
 
+def diagnose_speed(r: Results) -> None:
+    b = r.load(r.bench_out / "diagnose_speed.json")
+    if not b:
+        return
+    worst = max(b["max_rel_diff"].items(), key=lambda kv: kv[1])
+    r.text(f"**Speed of diagnose** (`OMP_NUM_THREADS={b['threads']} python bench/diagnose_speed.py`, {b['model']} "
+           f"at the defaults, {b['config']['n_samples']}×{b['config']['seq_len']} tokens, both arms in one process "
+           f"on the same calibration batches, {b['threads']} thread): exact (dense SVDs, the old statistics pass) "
+           f"{b['exact']['wall_s']:.1f} s (spectra {b['exact']['spectra_s']:.1f} s), fast {b['fast']['wall_s']:.1f} s "
+           f"(spectra {b['fast']['spectra_s']:.1f} s), {b['ratio']:.2f}× faster; {b['dense_fallbacks']} of "
+           f"{b['linears']} Linears fell back to the dense SVD. Largest relative difference of any reported number: "
+           f"{worst[1]:.1e} ({worst[0]}); the readings are {'identical' if b['reading_identical'] else 'different'}. "
+           "Target: < 40 s on 2 cores.")
+
+
+def inference_speed(r: Results) -> None:
+    b = r.load(r.bench_out / "inference_speed.json")
+    if not b:
+        return
+    s = b["settings"]
+    r.text("### What low-rank compression buys on a CPU (SmolLM2)", True)
+    r.quote("python bench/inference_speed.py --decode-tokens 32", True)
+    r.text(f"Batch 1, {s['threads']} thread, each variant in its own process: prefill = one forward over "
+           f"{s['prompt']} tokens (median of {s['repeats']}), decode = {s['decode_tokens']} greedy tokens with the KV "
+           f"cache after a {s['decode_prompt']}-token prompt (median of {s['decode_repeats']}). Factorized = the "
+           "compressed model's two thin Linears; merged = the same factors multiplied back into one dense Linear. "
+           f"Dense measured again at the end drifted by {b['drift']['prefill']:+.1%} (prefill) and "
+           f"{b['drift']['decode']:+.1%} (decode).", True)
+    rows = [[name, v["params"], v["prefill_tok_s"], v["decode_tok_s"], v["prefill_ratio"], v["decode_ratio"],
+             v["peak_rss_mb"]] for name, v in b["variants"].items()]
+    r.text(md_table(["variant", "parameters", "prefill tok/s", "decode tok/s", "prefill × dense", "decode × dense",
+                     "peak RSS MiB"], rows), True)
+    r.text("\n".join(f"- {line}" for line in b["reading"].splitlines()), True)
+
+
 def quantization(r: Results) -> None:
     r.text("## Quantization (SmolLM2)", True)
     r.text("SmolLM2's packaged weights were already 4-bit (Q4_1, group 32): every W4 number below is flattered "
@@ -687,9 +722,9 @@ def vision_static(r: Results) -> None:
                "(right) against steps*")
 
 
-SECTIONS = (evaluation, diagnose, quantization, quant_speed, w4a4_ladder, mixed_precision, encoder_w4a4, training,
-            selection, experiments, experiments_levers, experiments_steps, smollm2_per_tensor, vision, vision_static,
-            minilm, lowrank, lowrank_search, bias_lowrank)
+SECTIONS = (evaluation, diagnose, diagnose_speed, quantization, quant_speed, w4a4_ladder, mixed_precision, encoder_w4a4,
+            training, selection, experiments, experiments_levers, experiments_steps, smollm2_per_tensor, vision,
+            vision_static, minilm, lowrank, inference_speed, lowrank_search, bias_lowrank)
 MARK = "<!-- section:{} -->"
 
 
