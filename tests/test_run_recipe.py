@@ -287,6 +287,8 @@ def test_the_shared_evaluation_scores_every_model_as_s2d_eval_would(shared_run, 
     assert "The same evaluation on every model" in report and "figures/shared.png" in report
     row, = result["table"]
     assert row["metrics"]["ppl:wiki@32 (evaluate)"] == scores["02-export"]
+    kept = json.loads((out / "00-compress" / "metrics.json").read_text())["compression"]["summary"]["params_after"]
+    assert f"| 00-compress | compress | {kept:,} |" in report and f"| 01-quantize | quantize | {kept:,} |" in report
 
 
 def test_the_shared_evaluation_is_skipped_on_rerun_and_rerun_when_it_changes(shared_run, tmp_path):

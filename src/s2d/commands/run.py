@@ -351,6 +351,8 @@ def collect(recipe: Recipe, cells: list[list[Planned]], out: Path,
                     into["params"] = row["params"]
             elif kind == "compress":
                 row["metrics"].update(_evals(m.get("eval")))
+                # the stage's own count: a factorized folder also stores a tied lm_head, which the files count twice
+                row["params"] = m.get("compression", {}).get("summary", {}).get("params_after", row["params"])
                 if into.get("params") is None:
                     into["params"] = m.get("compression", {}).get("summary", {}).get("params_before")
             elif kind == "quantize":
@@ -362,6 +364,7 @@ def collect(recipe: Recipe, cells: list[list[Planned]], out: Path,
                 row["average_bits"] = cell.get("average_bits")
                 if into.get("params") is None:
                     into["params"] = row["params"]
+                row["params"] = into["params"]  # quantizing keeps the count; its folder also holds a float copy
             elif kind == "eval":
                 into["metrics"].update(_evals(m.get("tasks")))
             elif kind == "diagnose":
