@@ -21,7 +21,27 @@ from s2d.quant.primitives import (
 from s2d.quant.rotate import Rotation
 
 
-class QuantLinear(nn.Module):
+class StaticActCalibration:
+    """Calibration of a per-tensor static activation scale (the layer's act_scale and act_zero_point buffers):
+    shared by QuantLinear and the QAT FakeQuantLinear, whose forwards observe while `observer` is set."""
+
+    def start_calibration(self) -> None:
+        if self.a_static:
+            self.observer = RangeObserver(self.a_spec)
+
+    @torch.no_grad()
+    def finish_calibration(self) -> None:
+        """Set the static scale (and zero point) from what the observer saw; nothing if it was not calibrating."""
+        if self.observer is None:
+            return
+        observer, self.observer = self.observer, None
+        scale, zero = observer.qparams()
+        self.act_scale.copy_(scale.reshape(()))
+        if zero is not None:
+            self.act_zero_point.copy_(zero.reshape(()))
+
+
+class QuantLinear(StaticActCalibration, nn.Module):
     """A Linear holding integer weights with their scales (and zero points), whose input is fake-quantized.
 
     Buffers: `qweight` (out x in, integer), `weight_scale` and `weight_zero_point` (one per block),
@@ -116,19 +136,6 @@ class QuantLinear(nn.Module):
                 x = fake_quantize(x, self.dynamic_spec)
         return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
-    def start_calibration(self) -> None:
-        if self.a_static:
-            self.observer = RangeObserver(self.a_spec)
-
-    @torch.no_grad()
-    def finish_calibration(self) -> None:
-        if self.observer is None:
-            return
-        scale, zero = self.observer.qparams()
-        self.act_scale.copy_(scale.reshape(()))
-        if zero is not None:
-            self.act_zero_point.copy_(zero.reshape(()))
-        self.observer = None
 
     def plain_weight(self) -> torch.Tensor:
         """The dequantized weight with any online rotation folded back in: a plain Linear's equivalent weight."""
@@ -157,7 +164,7 @@ class _GradScale(torch.autograd.Function):
         return grad * ctx.g, None
 
 
-class FakeQuantLinear(nn.Linear):
+class FakeQuantLinear(StaticActCalibration, nn.Linear):
     """For quantization-aware training: float weights, fake-quantized (weights and inputs) in the forward.
 
     Gradients pass through the rounding by the straight-through estimator. With `learn_scale`, each output
@@ -253,21 +260,11 @@ class FakeQuantLinear(nn.Linear):
             scale = _GradScale.apply(scale, 1.0 / math.sqrt(x.numel() * self.a_spec.qmax))
         return lsq_fake_quantize(x, scale.to(x.dtype), self.a_spec)
 
-    def start_calibration(self) -> None:
-        if self.a_static:
-            self.observer = RangeObserver(self.a_spec)
-
     @torch.no_grad()
     def finish_calibration(self) -> None:
-        """Set the static scale (and zero point) from what the observer saw; nothing if it was not calibrating."""
-        if self.observer is None:
-            return
-        observer, self.observer = self.observer, None
-        scale, zero = observer.qparams()
-        self.act_scale.copy_(scale.reshape(()))
-        if zero is not None:
-            self.act_zero_point.copy_(zero.reshape(()))
-        self.act_calibrated.fill_(True)
+        if self.observer is not None:
+            super().finish_calibration()
+            self.act_calibrated.fill_(True)
 
     @torch.no_grad()
     def to_quant_linear(self) -> QuantLinear:
