@@ -196,21 +196,28 @@ def _execute(step: Planned, out: Path, recipe: Recipe) -> dict:
         else:
             mode = "overwrite" if filled else "new"
         record = {"folder": step.folder, "stage": step.stage.kind, "index": step.stage.index, "key": step.key,
-                  "input": step.input, "resolved": step.stage.resolved(), "status": "running", "mode": mode,
-                  "started": _dt.datetime.now().isoformat(timespec="seconds")}
-        atomic_write_json(out / "state" / f"{step.folder}.json", record)
-        _log(out, f"{step.folder}: running (mode {mode}) on {step.input}")
-        t0 = time.perf_counter()
-        try:
-            run_stage(step.stage, step.input, path, mode, recipe.trust_remote_code)
-        except BaseException as err:
-            _log(out, f"{step.folder}: failed after {time.perf_counter() - t0:.1f} s: {type(err).__name__}: {err}")
-            raise
-        record.update(status="done", seconds=round(time.perf_counter() - t0, 3),
-                      finished=_dt.datetime.now().isoformat(timespec="seconds"))
-        atomic_write_json(out / "state" / f"{step.folder}.json", record)
-        _log(out, f"{step.folder}: done in {record['seconds']:.1f} s")
+                  "input": step.input, "resolved": step.stage.resolved(), "mode": mode}
+        _recorded(out, step.folder, record, f"running (mode {mode}) on {step.input}",
+                  lambda: run_stage(step.stage, step.input, path, mode, recipe.trust_remote_code))
         return {"folder": step.folder, "action": "ran", "mode": mode}
+
+
+def _recorded(out: Path, state_name: str, record: dict, what: str, work) -> None:
+    """Run `work()` with its state file saying running, then done with its wall time; run.log tells each step."""
+    name = record["folder"]
+    record.update(status="running", started=_dt.datetime.now().isoformat(timespec="seconds"))
+    atomic_write_json(out / "state" / f"{state_name}.json", record)
+    _log(out, f"{name}: {what}")
+    t0 = time.perf_counter()
+    try:
+        work()
+    except BaseException as err:
+        _log(out, f"{name}: failed after {time.perf_counter() - t0:.1f} s: {type(err).__name__}: {err}")
+        raise
+    record.update(status="done", seconds=round(time.perf_counter() - t0, 3),
+                  finished=_dt.datetime.now().isoformat(timespec="seconds"))
+    atomic_write_json(out / "state" / f"{state_name}.json", record)
+    _log(out, f"{name}: done in {record['seconds']:.1f} s")
 
 
 def _evaluated(out: Path, evaluation: Evaluation) -> bool:
@@ -230,19 +237,10 @@ def _evaluate(evaluation: Evaluation, out: Path, recipe: Recipe) -> dict:
         path = out / name
         mode = "overwrite" if path.is_dir() and any(path.iterdir()) else "new"
         path.parent.mkdir(exist_ok=True)
-        record = {"folder": name, "stage": "evaluate", "key": evaluation.key, "input": evaluation.model,
-                  "status": "running", "started": _dt.datetime.now().isoformat(timespec="seconds")}
-        atomic_write_json(out / "state" / f"{evaluation.state_name}.json", record)
-        _log(out, f"{name}: evaluating {evaluation.model}")
-        t0 = time.perf_counter()
-        try:
-            run_eval(evaluation.model, recipe.evaluate, path, trust_remote_code=recipe.trust_remote_code, mode=mode)
-        except BaseException as err:
-            _log(out, f"{name}: failed after {time.perf_counter() - t0:.1f} s: {type(err).__name__}: {err}")
-            raise
-        record.update(status="done", seconds=round(time.perf_counter() - t0, 3))
-        atomic_write_json(out / "state" / f"{evaluation.state_name}.json", record)
-        _log(out, f"{name}: done in {record['seconds']:.1f} s")
+        record = {"folder": name, "stage": "evaluate", "key": evaluation.key, "input": evaluation.model}
+        _recorded(out, evaluation.state_name, record, f"evaluating {evaluation.model}",
+                  lambda: run_eval(evaluation.model, recipe.evaluate, path,
+                                   trust_remote_code=recipe.trust_remote_code, mode=mode))
         return {"folder": name, "action": "ran", "mode": mode}
 
 
