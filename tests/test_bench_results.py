@@ -209,3 +209,42 @@ def test_bench_scripts_import_without_path_hacks(script, tmp_path):
     done = subprocess.run([sys.executable, str(BENCH / script), "--help"], cwd=tmp_path, capture_output=True,
                           text=True, timeout=60)
     assert done.returncode == 0, done.stderr
+
+
+def _speed_run(model: str, threads: int, fast_s: float) -> dict:
+    return {"model": model, "threads": threads, "config": {"n_samples": 16, "seq_len": 256}, "linears": 210,
+            "dense_fallbacks": 0, "exact": {"wall_s": 3 * fast_s, "spectra_s": 20.0},
+            "fast": {"wall_s": fast_s, "spectra_s": 8.0}, "ratio": 3.0, "reading_identical": True,
+            "max_rel_diff": {"sigma1": 1e-15, "linear input kurtosis": 1.8e-7}}
+
+
+def test_diagnose_speed_rows_come_from_each_bench_file_with_its_target(tmp_path):
+    out = tmp_path / "out" / "diagnose_speed"
+    out.mkdir(parents=True)
+    (out / "smollm2-135m-1t.json").write_text(json.dumps(_speed_run("smollm2-135m", 1, 49.1)))
+    (out / "smollm2-135m-2t.json").write_text(json.dumps(_speed_run("smollm2-135m", 2, 29.1)))
+    (out / "qwen2-0.5b-2t.json").write_text(json.dumps(_speed_run("qwen2-0.5b (random weights)", 2, 201.5)))
+    r = results.Results(tmp_path / "runs", tmp_path / "figures", tmp_path / "out")
+    results.diagnose_speed(r)
+    text = "".join(r.parts)
+    rows = {line.split("|")[1].strip() + "/" + line.split("|")[2].strip(): line for line in text.splitlines()
+            if line.startswith("| ") and "random" in line or line.startswith("| smollm2")}
+    assert "49.1" in rows["smollm2-135m/1"] and rows["smollm2-135m/1"].rstrip(" |").endswith("-")
+    assert "29.1" in rows["smollm2-135m/2"] and rows["smollm2-135m/2"].rstrip(" |").endswith("met")
+    assert rows["qwen2-0.5b (random weights)/2"].rstrip(" |").endswith("missed")  # 201.5 s > 3 min
+    assert "python bench/diagnose_speed.py --shape qwen2-0.5b" in text
+    assert "1.8e-07 (linear input kurtosis)" in text
+
+
+def test_bias_speed_section_reads_the_bench_json(tmp_path):
+    (tmp_path / "out").mkdir()
+    task = {"items": 200, "items_in_task": 4229, "scoring": "shared prefix", "wall_s": 10.0, "cpu_s": 18.0,
+            "plain_cpu_s": 45.0, "speedup_cpu": 2.5, "max_abs_ll_diff": 3e-5}
+    (tmp_path / "out" / "bias_speed_compare.json").write_text(json.dumps(
+        {"threads": 2, "limit": 200, "tasks": {"stereoset": task}, "total_wall_s": 611.0, "total_cpu_s": 1100.0,
+         "target_s": 600, "basis": "extrapolated from --limit by items", "within_target": False}))
+    r = results.Results(tmp_path / "runs", tmp_path / "figures", tmp_path / "out")
+    results.bias_speed(r)
+    text = "".join(r.parts)
+    assert "--limit 200 --compare --out bench/out/bias_speed_compare.json" in text
+    assert "2.50×" in text and "3.0e-05" in text and "611 s wall" in text and "over it" in text

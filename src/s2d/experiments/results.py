@@ -133,18 +133,32 @@ def diagnose(r: Results) -> None:
 
 
 def diagnose_speed(r: Results) -> None:
-    b = r.load(r.bench_out / "diagnose_speed.json")
-    if not b:
+    runs = sorted((r.bench_out / "diagnose_speed").glob("*.json"))
+    if not runs:
+        r.missing.append(str(r.bench_out / "diagnose_speed"))
         return
-    worst = max(b["max_rel_diff"].items(), key=lambda kv: kv[1])
-    r.text(f"**Speed of diagnose** (`OMP_NUM_THREADS={b['threads']} python bench/diagnose_speed.py`, {b['model']} "
-           f"at the defaults, {b['config']['n_samples']}×{b['config']['seq_len']} tokens, both arms in one process "
-           f"on the same calibration batches, {b['threads']} thread): exact (dense SVDs, the old statistics pass) "
-           f"{b['exact']['wall_s']:.1f} s (spectra {b['exact']['spectra_s']:.1f} s), fast {b['fast']['wall_s']:.1f} s "
-           f"(spectra {b['fast']['spectra_s']:.1f} s), {b['ratio']:.2f}× faster; {b['dense_fallbacks']} of "
-           f"{b['linears']} Linears fell back to the dense SVD. Largest relative difference of any reported number: "
-           f"{worst[1]:.1e} ({worst[0]}); the readings are {'identical' if b['reading_identical'] else 'different'}. "
-           "Target: < 40 s on 2 cores.")
+    loaded = [(path.stem.rsplit("-", 1)[0], json.loads(path.read_text())) for path in runs]
+    targets = {"smollm2-135m": 40.0, "qwen2-0.5b": 180.0}  # issue 22, seconds on 2 cores
+    r.text("**Speed of diagnose** at the defaults, both arms in one process on the same calibration batches: exact "
+           "= dense SVDs and the old statistics pass, fast = `--spectra fast`. Targets (on 2 cores): SmolLM2 "
+           "< 40 s, a 0.5B model < 3 min. No 0.5B checkpoint exists here, so the 0.5B row is a seeded random model "
+           "of Qwen2.5-0.5B's exact shape: its times are real, its statistics are not.")
+    rows, commands = [], []
+    for key, b in loaded:
+        worst = max(b["max_rel_diff"].items(), key=lambda kv: kv[1])
+        target = targets.get(key)
+        met = "-" if target is None or b["threads"] != 2 else ("met" if b["fast"]["wall_s"] < target else "missed")
+        rows.append([b["model"], b["threads"], f"{b['config']['n_samples']}×{b['config']['seq_len']}",
+                     b["exact"]["wall_s"], b["exact"]["spectra_s"], b["fast"]["wall_s"], b["fast"]["spectra_s"],
+                     f"{b['ratio']:.2f}×", f"{b['dense_fallbacks']}/{b['linears']}", f"{worst[1]:.1e} ({worst[0]})",
+                     "yes" if b["reading_identical"] else "no", met])
+        flag = f"--shape {key}" if "random weights" in b["model"] else f"--model {key}"
+        if b.get("order", "exact,fast") != "exact,fast":
+            flag += f" --order {b['order']}"
+        commands.append(f"OMP_NUM_THREADS={b['threads']} python bench/diagnose_speed.py {flag}")
+    r.quote("\n".join(dict.fromkeys(commands)))
+    r.text(md_table(["model", "threads", "tokens", "exact s", "exact spectra s", "fast s", "fast spectra s",
+                     "speed-up", "dense fallbacks", "largest relative difference", "same reading", "target"], rows))
 
 
 def inference_speed(r: Results) -> None:
@@ -696,6 +710,33 @@ def bias_lowrank(r: Results) -> None:
                "interval*")
 
 
+def bias_speed(r: Results) -> None:
+    """Issue 23's speed target: the whole bias suite on SmolLM2 in < 10 min on 2 cores."""
+    runs = [b for name in ("bias_speed.json", "bias_speed_compare.json") if (b := r.load(r.bench_out / name))]
+    if not runs:
+        return
+    r.text("### Speed of the bias suite (SmolLM2)")
+    for b in runs:
+        compare = "plain_cpu_s" in next(iter(b["tasks"].values()))
+        limit = f" --limit {b['limit']}" if b["limit"] else ""
+        out = "" if not compare else " --out bench/out/bias_speed_compare.json"
+        r.quote(f"OMP_NUM_THREADS={b['threads']} python bench/bias_speed.py{limit}{' --compare' if compare else ''}"
+                f"{out}")
+        head = ["task", "items", "scoring", "wall s", "CPU s"]
+        rows = []
+        for name, t in b["tasks"].items():
+            row = [name, f"{t['items']}/{t['items_in_task']}", t["scoring"], t["wall_s"], t["cpu_s"]]
+            if compare:
+                row += [t["plain_cpu_s"], f"{t['speedup_cpu']:.2f}×", f"{t['max_abs_ll_diff']:.1e}"]
+            rows.append(row)
+        if compare:
+            head += ["plain CPU s", "shared-prefix speed-up (CPU)", "max |Δ log-likelihood|"]
+        r.text(md_table(head, rows))
+        verdict = "within" if b["within_target"] else "over"
+        r.text(f"Whole suite ({b['basis']}): {b['total_wall_s']:.0f} s wall, {b['total_cpu_s']:.0f} s CPU at "
+               f"{b['threads']} thread(s); the target is {b['target_s']} s wall on 2 cores: {verdict} it.")
+
+
 def vision_static(r: Results) -> None:
     root = r.runs / "exp-vit-static"
     if not (root / "pretrain-long" / "ptq.json").is_file():
@@ -724,7 +765,7 @@ def vision_static(r: Results) -> None:
 
 SECTIONS = (evaluation, diagnose, diagnose_speed, quantization, quant_speed, w4a4_ladder, mixed_precision, encoder_w4a4,
             training, selection, experiments, experiments_levers, experiments_steps, smollm2_per_tensor, vision,
-            vision_static, minilm, lowrank, inference_speed, lowrank_search, bias_lowrank)
+            vision_static, minilm, lowrank, inference_speed, lowrank_search, bias_lowrank, bias_speed)
 MARK = "<!-- section:{} -->"
 
 
