@@ -14,7 +14,8 @@ not raised: it costs as much as depth and is not what these papers find outliers
 kept, so a step costs about 2× the 6-block model's.
 
 Stages (each writes its own folder under --root; a folder with metrics.json is not trained again and one with
-ptq.json / curve.json is not measured again; `s2d finetune --resume` continues from the last checkpoint):
+ptq.json / curve.json is not measured again, except that ptq.json gains the cells it lacks; `s2d finetune --resume`
+continues from the last checkpoint):
 1. `pretrain-long`: `s2d finetune scratch:vit-fmnist-deep` with AdamW, keeping every checkpoint
    (--curve-points of them, via `pretrain.yaml`'s keep_checkpoints); `curve.json` measures each kept checkpoint:
    max |x| of the residual stream and of the quantized Linears' inputs on the calibration images, and FP and
@@ -25,8 +26,10 @@ ptq.json / curve.json is not measured again; `s2d finetune --resume` continues f
 4. `ft-adamw-s<seed>`, `ft-s2d-s<seed>`: fine-tunes of `pretrain-long` (one epoch at --ft-lr, bench/exp_vit.py's
    recipe and S2D options);
 5. `ptq.json` in every model's folder: FP, and W8A8 / W6A6 / W5A5 / W4A4 with per-tensor static activation scales
-   (min-max observer, calibrated on the first 32 training images) with and without ln_reparam, and per-token
-   dynamic W4A4 as the control (s2d.experiments.vit_static.CELLS);
+   (min-max observer, calibrated on the first 32 training images) with and without ln_reparam, and in RepQ-ViT's
+   full setting (static+repq: also log√2 softmax at the activation bits, patch embedding and classifier at W8A8),
+   and per-token dynamic W4A4 as the control (s2d.experiments.vit_static.CELLS); a ptq.json lacking some cells
+   (written before they existed) gets those measured and merged in;
 6. `qat-adamw-s<seed>`, `qat-s2d-s<seed>`: the ft-* fine-tunes (same steps, lr and seed) with W4A4 QAT at
    per-tensor static activation scales (vit_static.QAT_OPTIONS: min-max calibrated on the first training batch,
    then learned by LSQ), run after every other stage; `qat.json` in each holds the test accuracy of the saved
@@ -138,12 +141,25 @@ def measure(model, data: Data, cells: tuple[str, ...]) -> dict:
 
 
 def measure_model(folder: Path, data: Data) -> None:
+    """ptq.json: every cell of CELLS; a ptq.json from before some cells existed gets just those measured and merged
+    in (the cells already there, and its FP and max |x|, are kept as they are)."""
     from s2d.assets import load_model
     from s2d.io import atomic_write_json
 
-    if not (folder / "ptq.json").is_file():
-        model, _ = load_model(str(folder / "model"))
-        atomic_write_json(folder / "ptq.json", measure(model, data, CELLS))
+    path = folder / "ptq.json"
+    done = json.loads(path.read_text()) if path.is_file() else None
+    missing = CELLS if done is None else tuple(c for c in CELLS if c not in done)
+    if not missing:
+        return
+    model, _ = load_model(str(folder / "model"))
+    new = measure(model, data, missing)
+    if done is None:
+        atomic_write_json(path, new)
+        return
+    merged = {**done, **{c: new[c] for c in missing if c != "FP"},
+              "configs": {**done.get("configs", {}), **new["configs"]},
+              "seconds": done.get("seconds", 0.0) + new["seconds"]}
+    atomic_write_json(path, merged)
 
 
 @torch.no_grad()

@@ -16,6 +16,37 @@ def test_cell_configs():
     assert not vit_static.quant_config("W4A4 static").ln_reparam
     dynamic = vit_static.quant_config("W4A4 dynamic")
     assert (dynamic.a_static, dynamic.a_granularity) == (False, "per_token")
+    repq = vit_static.quant_config("W6A6 static+repq")  # RepQ-ViT's full setting
+    assert (repq.w_bits, repq.a_bits, repq.a_static, repq.a_granularity, repq.ln_reparam) == \
+        (6, 6, True, "per_tensor", True)
+    assert (repq.softmax_bits, repq.patch_embed_bits, repq.layer_schemes) == (6, 8, {"head": "W8A8"})
+    plain = vit_static.quant_config("W6A6 static+reparam")
+    assert (plain.softmax_bits, plain.patch_embed_bits, plain.layer_schemes) == (None, None, {})
+
+
+def test_cells_and_paper_rows():
+    assert {f"{s} static+repq" for s in vit_static.PTQ_SCHEMES} <= set(vit_static.CELLS)
+    assert vit_static.CELLS[-1] == "W4A4 dynamic"  # reading() takes the static cells as CELLS[1:-1]
+    assert set(vit_static.PAPER) <= set(vit_static.CELLS)
+    repq_rows = {c for c, (name, *_) in vit_static.PAPER.items() if name.startswith(("RepQ-ViT", "ERQ"))}
+    assert repq_rows == {"W6A6 static+repq", "W5A5 static+repq", "W4A4 static+repq"}
+
+
+def test_repq_cell_quantizes_a_vit(tmp_path):
+    import torch
+
+    from s2d.assets import load_model
+    from s2d.quant import quantize
+    from s2d.quant.conv import QuantConv2d
+    from s2d.quant.softmax import LogSqrt2Quant
+
+    model, _ = load_model("tiny:vit")
+    c, n = model.config.num_channels, model.config.image_size
+    calib = {"pixel_values": torch.randn(4, c, n, n, generator=torch.Generator().manual_seed(0))}
+    q = quantize(model, vit_static.quant_config("W4A4 static+repq"), calib=calib, progress=False)
+    assert isinstance(q.vit.embeddings.patch_embeddings.projection, QuantConv2d)
+    assert q.classifier.w_spec.bits == 8 and q.classifier.a_spec.bits == 8
+    assert sum(isinstance(m, LogSqrt2Quant) and m.bits == 4 for m in q.modules()) == q.config.num_hidden_layers
 
 
 def _write(root, name, acc):

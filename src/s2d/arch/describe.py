@@ -57,6 +57,7 @@ class BlockRef:
     norms: dict[str, str]  # qualified name -> what it normalizes (attn_in, mlp_in, ...)
     attention: str | None = None  # qualified name of the attention module (decoders: q, k, v after RoPE)
     branches: tuple[BranchRef, ...] = ()  # what each branch adds to the residual stream, in forward order
+    probs: str | None = None  # qualified name of the module that computes the attention probabilities
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,7 @@ class ModelDescription:
     embeddings: str
     final_norm: str | None
     head: str | None
+    patch_embed: str | None = None  # qualified name of the vision patch embedding's Conv2d
 
     @property
     def kind(self) -> str:
@@ -155,11 +157,13 @@ def describe(model: nn.Module) -> ModelDescription:
             linears.append(LinearRef(f"{prefix}.{path}", role, i, block.get_submodule(path)))
         norms = {f"{prefix}.{p}": what for ps, what in family.norms.items() if (p := _relative(block, ps))}
         attention = _relative(block, family.attention) if family.attention else None
+        probs = _relative(block, family.probs) if family.probs else None
         blocks.append(BlockRef(i, prefix, block, tuple(linears), norms, attention and f"{prefix}.{attention}",
-                               _branches(model, family, linears, norms)))
+                               _branches(model, family, linears, norms), probs and f"{prefix}.{probs}"))
     head = next((h for h in (_find(model, s) for s in family.head) if h is not None), None)
     return ModelDescription(family, model, tuple(blocks), _find(model, family.embeddings) or "",
-                            _find(model, family.final_norm), head)
+                            _find(model, family.final_norm), head,
+                            _find(model, family.patch_embed) if family.patch_embed else None)
 
 
 def summary(model: nn.Module) -> dict:

@@ -56,6 +56,13 @@ class Family:
     # post-norms), so what the branch adds is the norm's output. Empty: each branch adds its Linear's output (a
     # BERT-style post-LayerNorm normalizes the sum after the add, so it is not one of these).
     branch_norms: tuple[str, ...] = ()
+    # Block-relative path of the module that turns attention scores into probabilities (softmax_bits quantizes them
+    # there): one that hands q, k, v to AttentionInterface or, where `probs_dropout` is set, one that computes its
+    # own softmax and passes the probabilities to that nn.Dropout submodule of it (MPNet calls no interface).
+    probs: str = ""
+    probs_dropout: str = ""
+    # Suffix path of the vision patch embedding's Conv2d (patch_embed_bits); empty: no patch embedding.
+    patch_embed: str = ""
 
 
 _LLAMA_LINEARS = {
@@ -68,9 +75,9 @@ _POST_LN = ("its post-LayerNorms sit inside the residual stream and subtract eac
 
 FAMILIES: tuple[Family, ...] = (
     Family("llama", "causal-lm", ("llama",), "layers", _LLAMA_LINEARS, _LLAMA_NORMS,
-           "embed_tokens", "norm", ("lm_head",), attention="self_attn"),
+           "embed_tokens", "norm", ("lm_head",), attention="self_attn", probs="self_attn"),
     Family("qwen2", "causal-lm", ("qwen2",), "layers", _LLAMA_LINEARS, _LLAMA_NORMS,
-           "embed_tokens", "norm", ("lm_head",), attention="self_attn"),
+           "embed_tokens", "norm", ("lm_head",), attention="self_attn", probs="self_attn"),
     Family("gemma3", "causal-lm", ("gemma3_text",), "layers", _LLAMA_LINEARS,
            {"input_layernorm": "attn_in", "post_attention_layernorm": "attn_out",
             "pre_feedforward_layernorm": "mlp_in", "post_feedforward_layernorm": "mlp_out"},
@@ -78,17 +85,18 @@ FAMILIES: tuple[Family, ...] = (
            rotation_blocker="its post-norms (post_attention_layernorm, post_feedforward_layernorm) rescale each "
            "branch's output channel by channel inside the residual stream, and its embeddings are scaled; a "
            "rotation of the residual stream does not commute with them", attention="self_attn",
-           branch_norms=("attn_out", "mlp_out")),
+           branch_norms=("attn_out", "mlp_out"), probs="self_attn"),
     Family("bert", "encoder", ("bert",), "encoder.layer",
            {"attention.self.query": "q", "attention.self.key": "k", "attention.self.value": "v",
             "attention.output.dense": "o", "intermediate.dense": "fc1", "output.dense": "fc2"},
            {"attention.output.LayerNorm": "attn_out", "output.LayerNorm": "mlp_out"},
-           "embeddings", "", ("classifier",), pre_norm=False, rotation_blocker=_POST_LN),
+           "embeddings", "", ("classifier",), pre_norm=False, rotation_blocker=_POST_LN, probs="attention.self"),
     Family("mpnet", "encoder", ("mpnet",), "encoder.layer",
            {"attention.attn.q": "q", "attention.attn.k": "k", "attention.attn.v": "v", "attention.attn.o": "o",
             "intermediate.dense": "fc1", "output.dense": "fc2"},
            {"attention.LayerNorm": "attn_out", "output.LayerNorm": "mlp_out"},
-           "embeddings", "", ("classifier",), pre_norm=False, rotation_blocker=_POST_LN),
+           "embeddings", "", ("classifier",), pre_norm=False, rotation_blocker=_POST_LN,
+           probs="attention.attn", probs_dropout="dropout"),
     Family("vit", "vision", ("vit",), "layers|encoder.layer",
            {"attention.q_proj|attention.attention.query": "q", "attention.k_proj|attention.attention.key": "k",
             "attention.v_proj|attention.attention.value": "v", "attention.o_proj|attention.output.dense": "o",
@@ -96,7 +104,8 @@ FAMILIES: tuple[Family, ...] = (
            {"layernorm_before": "attn_in", "layernorm_after": "mlp_in"},
            "embeddings", "layernorm", ("classifier",), main_input="pixel_values",
            rotation_blocker="its LayerNorms subtract each token's mean, which does not commute with a rotation "
-           "(that needs SliceGPT's LayerNorm-to-RMSNorm conversion, which s2d does not implement)"),
+           "(that needs SliceGPT's LayerNorm-to-RMSNorm conversion, which s2d does not implement)",
+           probs="attention.attention|attention", patch_embed="patch_embeddings.projection"),
 )
 
 

@@ -25,7 +25,10 @@ from pathlib import Path
 from s2d.experiments.record import MissingSetting, setting
 
 PTQ_SCHEMES = ("W8A8", "W6A6", "W5A5", "W4A4")
-CELLS = ("FP", *[f"{s} static{r}" for s in PTQ_SCHEMES for r in ("", "+reparam")], "W4A4 dynamic")
+# static: per-tensor static scales on the block Linears' inputs; +reparam adds ln_reparam; +repq is RepQ-ViT's full
+# setting: ln_reparam, the post-softmax probabilities on a log√2 grid at the scheme's activation bits, and the patch
+# embedding and classifier at W8A8 (both stay in floating point in the other cells).
+CELLS = ("FP", *[f"{s} static{r}" for s in PTQ_SCHEMES for r in ("", "+reparam", "+repq")], "W4A4 dynamic")
 CURVE_CELLS = ("FP", "W6A6 static", "W6A6 static+reparam", "W4A4 static", "W4A4 static+reparam")
 PRETRAINS = {"pretrain-long": "AdamW", "pretrain-long-s2d": "AdamW+S2D"}
 ARMS = ("ft-adamw", "ft-s2d")
@@ -33,11 +36,11 @@ CALIB = 32  # training images the static scales (and ln_reparam's channel ranges
 TARGET_GAIN, TARGET_GAP = 3.0, 5.0  # points: S2D − AdamW wanted at a static cell where AdamW loses this much to FP
 
 # The paper's numbers (SigLIP2-B, ImageNet-1k top-1, AdamW → AdamW+S2D), printed beside the nearest of our cells as
-# theirs: RepQ-ViT and ERQ reparameterize the norms before per-tensor static scales (our static+reparam), PTQ4ViT
-# does not (our static).
-PAPER = {"FP": ("FP", 85.0, 85.0), "W6A6 static+reparam": ("RepQ-ViT W6A6", 58.5, 80.0),
-         "W5A5 static+reparam": ("RepQ-ViT W5A5", 46.0, 78.0), "W5A5 static": ("PTQ4ViT W5A5", 3.4, 62.0),
-         "W4A4 static+reparam": ("ERQ W4A4", 65.6, 73.0)}
+# theirs: RepQ-ViT and ERQ reparameterize the norms, quantize the softmax on a log√2 grid and keep the patch
+# embedding and head at 8 bits (our static+repq); PTQ4ViT does none of these (our static).
+PAPER = {"FP": ("FP", 85.0, 85.0), "W6A6 static+repq": ("RepQ-ViT W6A6", 58.5, 80.0),
+         "W5A5 static+repq": ("RepQ-ViT W5A5", 46.0, 78.0), "W5A5 static": ("PTQ4ViT W5A5", 3.4, 62.0),
+         "W4A4 static+repq": ("ERQ W4A4", 65.6, 73.0)}
 # QAT: W4A4 with per-tensor static activation scales (`s2d finetune --qat W4A4 --qat-option KEY=VALUE ...`).
 QAT_ARMS = ("qat-adamw", "qat-s2d")
 QAT_OPTIONS = {"a_static": True, "a_granularity": "per_tensor", "a_observer": "minmax"}
@@ -59,15 +62,20 @@ def qat_args() -> list[str]:
 
 
 def quant_config(cell: str):
-    """The QuantConfig of a cell name: "<scheme> static[+reparam]" (per-tensor static, min-max observer) or
-    "<scheme> dynamic" (per-token dynamic, the scheme's defaults); per-channel RTN weights throughout."""
+    """The QuantConfig of a cell name: "<scheme> static[+reparam|+repq]" (per-tensor static, min-max observer;
+    +repq is RepQ-ViT's setting, see CELLS) or "<scheme> dynamic" (per-token dynamic, the scheme's defaults);
+    per-channel RTN weights throughout."""
     from s2d.quant import QuantConfig
 
     scheme, kind = cell.split(" ", 1)
     if kind == "dynamic":
         return QuantConfig.from_scheme(scheme)
-    return QuantConfig.from_scheme(scheme, a_static=True, a_granularity="per_tensor", a_observer="minmax",
-                                   ln_reparam=kind.endswith("+reparam"))
+    static = {"a_static": True, "a_granularity": "per_tensor", "a_observer": "minmax"}
+    if kind == "static+repq":
+        a_bits = QuantConfig.from_scheme(scheme).a_bits
+        return QuantConfig.from_scheme(scheme, **static, ln_reparam=True, softmax_bits=a_bits, patch_embed_bits=8,
+                                       layer_schemes={"head": "W8A8"})
+    return QuantConfig.from_scheme(scheme, **static, ln_reparam=kind.endswith("+reparam"))
 
 
 def _json(path: Path) -> dict | None:
@@ -181,7 +189,7 @@ def pretrain_table(root: Path) -> str:
         if p is None or m is None:
             continue
         rows.append([f"{name} ({label})", m["steps"], p["max_abs"]["residual"], p["max_abs"]["linear_input"],
-                     *[100 * p[c] for c in CELLS], round(m["seconds"])])
+                     *[100 * p[c] if c in p else "-" for c in CELLS], round(m["seconds"])])
     return md_table(["pre-training", "steps", "residual max |x|", "Linear-input max |x|", *CELLS, "train s"], rows)
 
 
@@ -258,7 +266,7 @@ def reading(root: Path) -> list[str]:
     pre = {name: (_json(root / name / "ptq.json"), _json(root / name / "metrics.json")) for name in PRETRAINS}
     if all(p and m for p, m in pre.values()):
         (pa, ma), (ps, _) = pre["pretrain-long"], pre["pretrain-long-s2d"]
-        worst = max(CELLS[1:-1], key=lambda c: pa["FP"] - pa[c])
+        worst = max([c for c in CELLS[1:-1] if c in pa and c in ps], key=lambda c: pa["FP"] - pa[c])
         lines.append(f"Pre-training with S2D from step 0 against AdamW ({ma['steps']:,} steps each, one run): "
                      f"Linear-input max |x| {pa['max_abs']['linear_input']:.3g} → "
                      f"{ps['max_abs']['linear_input']:.3g}, "
@@ -331,8 +339,11 @@ def intro(s: dict[str, str]) -> str:
             f"step 0 (`pretrain-long-s2d`, same initialization and batches). The arms fine-tune `pretrain-long` for "
             f"{s['ft_epochs']} epoch(s) at lr {s['ft_lr']}, the seed drawing the batches. PTQ: {s['weights']} RTN "
             f"weights; activations per-tensor static ({s['observer']} observer, {s['grid']}, calibrated on the first "
-            f"{s['calib']} training images), with and without ln_reparam (RepQ-ViT's norm reparameterization), or "
-            f"per-token dynamic (the control column). Accuracy on {s['n_test']} Fashion-MNIST test images; ± is "
+            f"{s['calib']} training images), with and without ln_reparam (RepQ-ViT's norm reparameterization), in "
+            "RepQ-ViT's full setting (static+repq: ln_reparam, log√2-quantized attention probabilities at the "
+            "activation bits, patch embedding and classifier at W8A8; elsewhere the softmax, patch embedding and "
+            "classifier stay in floating point), or per-token dynamic (the control column). Accuracy on "
+            f"{s['n_test']} Fashion-MNIST test images; ± is "
             "the sample SD over seeds, the interval the 95% Student-t interval of the paired per-seed differences.")
 
 

@@ -19,14 +19,23 @@ from s2d.arch.runner import model_inputs
 from s2d.errors import S2DError
 from s2d.quant.calib import CalibBatch, iter_chunks, require_calib
 from s2d.quant.config import QuantConfig
+from s2d.quant.conv import QuantConv2d, patch_embed_name, quantize_patch_embed
 from s2d.quant.gptq import gptq_model
-from s2d.quant.kvcache import check_attention_quantizable, kv_spec, quantize_kv, rotate_qk
+from s2d.quant.kvcache import (
+    check_attention_quantizable,
+    check_softmax_quantizable,
+    kv_spec,
+    quantize_kv,
+    quantize_softmax,
+    rotate_qk,
+)
 from s2d.quant.linear import FakeQuantLinear, QuantLinear
 from s2d.quant.mixed import resolve, uses_bits
 from s2d.quant.primitives import fake_quantize
 from s2d.quant.reparam import check_reparameterizable, reparameterize_norms
 from s2d.quant.rotate import check_rotatable, rotate_model
 from s2d.quant.smooth import smooth_model
+from s2d.quant.softmax import LogSqrt2Quant
 from s2d.quant.swap import composite_targets, leaf_filter, swap_linears
 
 Filter = Callable[[nn.Module, str], bool]
@@ -64,23 +73,33 @@ def prepare(model: nn.Module, config: QuantConfig, filter: Filter | None = None,
 @torch.no_grad()
 def convert(model: nn.Module, config: QuantConfig, filter: Filter | None = None, calib: CalibBatch | None = None,
             *, chunk_size: int = 8, progress: bool = True) -> nn.Module:
-    """Swap the targeted Linears for QuantLinears (RTN or GPTQ weights), quantize the KV cache (kv_bits) and
-    calibrate static activation scales."""
+    """Swap the targeted Linears for QuantLinears (RTN or GPTQ weights), quantize the KV cache (kv_bits), the
+    attention probabilities (softmax_bits) and the patch embedding (patch_embed_bits), and calibrate static
+    activation scales and softmax deltas."""
     _check_inputs(model, config, calib, filter)
     desc = describe(model)
     target = leaf_filter(model, filter or desc.is_target)
     specs, static = resolve(model, config, target), config.a_static  # each Linear's own (layer_schemes)
+    chosen = lambda module, name: name in specs  # noqa: E731  the targets, and the head if layer_schemes names it
+
+    def rtn(linear, name):
+        return QuantLinear.from_linear(linear, *specs[name], static)
+
     if config.method == "gptq":
         def make(linear, q, scale, zero, name):
             return QuantLinear.from_linear(linear, specs[name][0], specs[name][1], static, q, scale, zero)
 
         gptq_model(model, calib, {n: w for n, (w, _) in specs.items()}, make, target, config.gptq_block_size,
                    config.gptq_damp, config.gptq_act_order, chunk_size, progress, config.gptq_precision)
-    else:
-        swap_linears(model, target, lambda linear, name: QuantLinear.from_linear(linear, *specs[name], static))
+    swap_linears(model, chosen, rtn)  # after GPTQ: what it left (the head, outside the blocks) is rounded by RTN
     if config.kv_bits is not None:  # before calibration, so static scales and clip searches see the KV rounding
         quantize_kv(model, kv_spec(config))
-    if static and any(a is not None for _, a in specs.values()):
+    if config.softmax_bits is not None:
+        quantize_softmax(model, config.softmax_bits)
+    if config.patch_embed_bits is not None:
+        quantize_patch_embed(model, config)
+    if (static and any(a is not None for _, a in specs.values())) or config.softmax_bits is not None \
+            or (static and config.patch_embed_bits is not None):
         calibrate_activations(model, calib, chunk_size)
     if config.a_clip_search:
         search_activation_clips(model, calib[: config.clip_search_samples], config.a_clip, chunk_size, progress)
@@ -136,8 +155,10 @@ def search_activation_clips(model: nn.Module, calib: CalibBatch, ceiling: float 
 
 @torch.no_grad()
 def calibrate_activations(model: nn.Module, calib: CalibBatch, chunk_size: int = 8) -> None:
-    """Set every static QuantLinear's activation scale from the calibration batch (all layers in one pass)."""
-    layers = [m for m in model.modules() if isinstance(m, QuantLinear) and m.a_static]
+    """Set every static activation scale (QuantLinear, QuantConv2d) and every softmax delta from the calibration
+    batch, all in one pass (each observes the model with weights quantized and activations in float)."""
+    layers = [m for m in model.modules() if (isinstance(m, QuantLinear | QuantConv2d) and m.a_static)
+              or isinstance(m, LogSqrt2Quant)]
     for m in layers:
         m.start_calibration()
     desc = describe(model)
@@ -157,10 +178,13 @@ def prepare_qat(model: nn.Module, config: QuantConfig, filter: Filter | None = N
     config.a_static, each input gets a per-tensor scale to calibrate (s2d.quant.qat.calibrate_qat), then learned
     by LSQ (`learn_act_scales`) or kept fixed.
     """
+    if config.softmax_bits is not None or config.patch_embed_bits is not None:
+        raise S2DError("QAT trains the Linears only: softmax_bits and patch_embed_bits are PTQ settings; drop them "
+                       "from the QAT config")
     target = filter or describe(model).is_target
     _check_group_size(model, config, target)
     specs = resolve(model, config, target)
-    swap_linears(model, target, lambda linear, name: FakeQuantLinear.from_linear(
+    swap_linears(model, lambda m, name: name in specs, lambda linear, name: FakeQuantLinear.from_linear(
         linear, *specs[name], learn_scales, config.a_static, learn_act_scales))
     model.s2d_quant_config = config
     return model
@@ -203,6 +227,10 @@ def check_quantizable(model: nn.Module, config: QuantConfig, filter: Filter | No
     if config.rotate:
         check_rotatable(model)
     check_attention_quantizable(model, config)  # kv_bits and rotate_qk need a decoder's attention
+    if config.softmax_bits is not None:
+        check_softmax_quantizable(model)  # no soft-capping or sinks the eager attention would drop
+    if config.patch_embed_bits is not None:
+        patch_embed_name(model)  # only vision models have one
     if config.ln_reparam:
         check_reparameterizable(model)  # post-norm families cannot take it
     if config.smooth_alpha is not None:  # rotation turns a low-rank pair's two sides; SmoothQuant cannot yet
@@ -226,6 +254,10 @@ def _check_inputs(model: nn.Module, config: QuantConfig, calib: CalibBatch | Non
         require_calib(calib, "SmoothQuant (to measure activation ranges)")
     if config.learn_rotation_steps:
         require_calib(calib, "learned rotations (the quantized loss they minimise)")
+    if config.softmax_bits is not None:
+        require_calib(calib, "softmax_bits (to calibrate each attention layer's delta)")
+    if config.a_static and config.patch_embed_bits is not None:
+        require_calib(calib, "the patch embedding's static input scale")
     check_quantizable(model, config, filter)
 
 

@@ -19,6 +19,13 @@ when it is stored, since a token's codes depend on its own vector only.
 Saving: R3's rotations are saved in quantization.safetensors. The plain-transformers model.safetensors cannot
 express R3 or KV quantization (both run online, inside the attention), so only s2d's `restore`
 (`s2d.load_model`) reproduces them; plain `from_pretrained` gives the model without them.
+
+softmax_bits (RepQ-ViT's log√2 quantizer, s2d.quant.softmax) hooks in at the same place, in every family: the
+AttentionQuant also holds the layer's LogSqrt2Quant (its calibrated delta is saved with the rest), and a module
+that has one is computed by s2d.quant.softmax.eager_attention instead of its own implementation. The model is then
+switched to "s2d_kv+eager", whose mask is the eager one: sdpa's may be None for a causal model that relies on
+sdpa's is_causal, which a hand-written attention cannot. Encoders (BERT, ViT) hook in the same way; MPNet, which
+computes its own softmax without AttentionInterface, gets a pre-hook on the dropout it applies to its probabilities.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ from s2d.errors import S2DError
 from s2d.quant.config import QuantConfig
 from s2d.quant.primitives import QuantSpec, fake_quantize
 from s2d.quant.rotate import Rotation, random_rotation
+from s2d.quant.softmax import LogSqrt2Quant, check_reproducible, eager_attention
 
 ATTR = "s2d_kv"  # the submodule each attention module gets
 PREFIX = "s2d_kv+"  # the registered implementation "s2d_kv+sdpa" wraps "sdpa"
@@ -42,12 +50,15 @@ R3_SEED = 104729  # offset from the config's seed, so R3 differs from R1, R2 and
 
 
 class AttentionQuant(nn.Module):
-    """q, k, v -> (q R, k R, v) with R3, then K and V fake-quantized; either part may be absent."""
+    """q, k, v -> (q R, k R, v) with R3, then K and V fake-quantized; either part may be absent. `softmax`, when
+    set, quantizes the attention probabilities (softmax_bits)."""
 
-    def __init__(self, rotation: Rotation | None = None, spec: QuantSpec | None = None):
+    def __init__(self, rotation: Rotation | None = None, spec: QuantSpec | None = None,
+                 softmax: LogSqrt2Quant | None = None):
         super().__init__()
         self.rotation = rotation
         self.spec = spec
+        self.softmax = softmax
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         if self.rotation is not None:  # the same R on every query and KV head: exact under GQA too
@@ -100,10 +111,39 @@ def owned_names(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, AttentionQuant)]
 
 
+def check_softmax_quantizable(model: nn.Module) -> None:
+    """softmax_bits needs every attention module to be one s2d's eager attention reproduces."""
+    for module in _probs_modules(model).values():
+        check_reproducible(module)
+
+
+def quantize_softmax(model: nn.Module, bits: int) -> None:
+    """Give every attention layer a log√2 quantizer of its probabilities (delta 1 until calibrated)."""
+    family = describe(model).family
+    for attn in _probs_modules(model).values():
+        _hook(attn).softmax = LogSqrt2Quant(bits).to(_device(attn))
+        if family.probs_dropout:
+            _hook_dropout(attn, family.probs_dropout)
+    if not family.probs_dropout:
+        _use_wrapper(model, eager=True)
+
+
 def restore_attention(model: nn.Module, config: QuantConfig, tensors: dict[str, torch.Tensor], where: str) -> None:
-    """Re-attach R3 (its saved rotation buffers) and the KV spec to a model loaded from a saved folder."""
-    if config.kv_bits is None and not config.rotate_qk:
+    """Re-attach R3 (its saved rotation buffers), the KV spec and the softmax quantizers (their saved deltas) to
+    a model loaded from a saved folder."""
+    if config.kv_bits is not None or config.rotate_qk:
+        _restore_kv(model, config, tensors, where)
+    if config.softmax_bits is None:
         return
+    quantize_softmax(model, config.softmax_bits)
+    for name, attn in _probs_modules(model).items():
+        key = f"{name}.{ATTR}.softmax.delta"
+        if key not in tensors:
+            raise S2DError(f"{where} has no softmax delta for {name} (softmax_bits is on); save the model again")
+        getattr(attn, ATTR).softmax.delta.copy_(tensors[key])
+
+
+def _restore_kv(model: nn.Module, config: QuantConfig, tensors: dict[str, torch.Tensor], where: str) -> None:
     spec = kv_spec(config)
     for name, attn in _attention_modules(model).items():
         rotation = None
@@ -129,6 +169,28 @@ def _attention_modules(model: nn.Module) -> dict[str, nn.Module]:
     return {b.attention: desc.module(b.attention) for b in desc.blocks}
 
 
+def _probs_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """{name: module} of the modules that compute each block's attention probabilities (the adapter's `probs`)."""
+    desc = describe(model)
+    if not all(b.probs for b in desc.blocks):
+        raise S2DError(f"s2d does not know where {desc.family.name} computes its attention probabilities; drop "
+                       "softmax_bits for this model")
+    return {b.probs: desc.module(b.probs) for b in desc.blocks}
+
+
+def _hook_dropout(attn: nn.Module, path: str) -> None:
+    """Quantize the probabilities `attn` passes to its dropout submodule at `path` (once per module)."""
+    dropout = attn.get_submodule(path)
+    if not getattr(dropout, "_s2d_probs_hooked", False):
+        dropout.register_forward_pre_hook(partial(_quantize_probs, attn))
+        dropout._s2d_probs_hooked = True
+
+
+def _quantize_probs(attn: nn.Module, dropout: nn.Module, args: tuple):
+    quant = getattr(getattr(attn, ATTR, None), "softmax", None)
+    return args if quant is None else (quant(args[0]), *args[1:])
+
+
 def _hook(attn: nn.Module) -> AttentionQuant:
     if not isinstance(getattr(attn, ATTR, None), AttentionQuant):
         setattr(attn, ATTR, AttentionQuant())
@@ -144,6 +206,8 @@ def _attend(base: str, module: nn.Module, query, key, value, attention_mask, **k
     hook = getattr(module, ATTR, None)
     if hook is not None:
         query, key, value = hook(query, key, value)
+        if hook.softmax is not None:
+            return eager_attention(hook.softmax, module, query, key, value, attention_mask, **kwargs)
     return _implementation(base, module)(module, query, key, value, attention_mask, **kwargs)
 
 
@@ -160,8 +224,9 @@ def _implementation(base: str, module: nn.Module):
     return eager
 
 
-def _use_wrapper(model: nn.Module) -> None:
-    """Switch `model` to "s2d_kv+<its implementation>", registering that wrapper (and its masks) once."""
+def _use_wrapper(model: nn.Module, eager: bool = False) -> None:
+    """Switch `model` to "s2d_kv+<its implementation>" ("s2d_kv+eager" with `eager`: softmax_bits computes the
+    attention by hand, which needs the eager mask), registering that wrapper (and its masks) once."""
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS as masks
     from transformers.masking_utils import AttentionMaskInterface
@@ -169,9 +234,12 @@ def _use_wrapper(model: nn.Module) -> None:
 
     base = model.config._attn_implementation or "sdpa"
     if base.startswith(PREFIX):
-        return
+        if not eager or base == PREFIX + "eager":
+            return
+        base = "eager"
+    base = "eager" if eager else base
     if base not in masks or (base != "eager" and base not in ALL_ATTENTION_FUNCTIONS):
-        raise S2DError(f"KV-cache quantization and rotate_qk wrap the attention implementation, but "
+        raise S2DError(f"KV-cache quantization, rotate_qk and softmax_bits wrap the attention implementation, but "
                        f"{base!r} is not one s2d can wrap; load the model with attn_implementation='sdpa' or 'eager'")
     name = PREFIX + base
     if name not in ALL_ATTENTION_FUNCTIONS:
@@ -180,4 +248,4 @@ def _use_wrapper(model: nn.Module) -> None:
     model.set_attn_implementation(name)
     if model.config._attn_implementation != name:
         raise S2DError(f"{type(model).__name__} does not let its attention implementation be switched, which "
-                       "KV-cache quantization and rotate_qk need")
+                       "KV-cache quantization, rotate_qk and softmax_bits need")

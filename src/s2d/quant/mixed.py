@@ -4,7 +4,8 @@ allocation of a higher scheme to the Linears where it helps most under an averag
 A pattern is a role as the family adapter names it (q, k, v, o, gate, up, down; fc1, fc2 in encoders) or an
 fnmatch glob on the Linear's module name ("model.layers.0.*", "*.mlp.down_proj"); later patterns win. A
 matched Linear takes the scheme's bits; every other setting (granularity, symmetry, observer, clip, grid)
-stays the config's.
+stays the config's. The pattern "head" names the model's head (the adapter's classifier or lm_head), which is
+otherwise left in floating point: {"head": "W8A8"} quantizes it too (RepQ-ViT keeps its classifier at 8 bits).
 
 Averages count floating point as 16 bits. Weight bits are weighted by each Linear's parameters; activation
 bits by its multiply-accumulates per token (in × out, so the same weights): "A4.5" is the input bits averaged
@@ -36,6 +37,7 @@ from s2d.quant.primitives import QuantSpec
 from s2d.quant.swap import leaf_filter, set_module, swap_linears
 
 FP_BITS = 16
+HEAD = "head"  # the layer_schemes pattern of the model's head (classifier, lm_head), which is left in FP otherwise
 Specs = dict[str, tuple[QuantSpec | None, QuantSpec | None]]  # Linear name -> (weight spec, activation spec)
 Filter = Callable[[nn.Module, str], bool]
 
@@ -54,11 +56,17 @@ def resolve(model: nn.Module, config: QuantConfig, target: Filter | None = None)
     desc = describe(model)
     target = target or leaf_filter(model, desc.is_target)
     linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and target(m, n)]
+    if HEAD in config.layer_schemes:  # the head is no block Linear: naming it in layer_schemes brings it in
+        if desc.head is None or not isinstance(desc.module(desc.head), nn.Linear):
+            raise S2DError(f"layer_schemes names the {HEAD!r}, but this {desc.family.name} model has no Linear head")
+        linears = [n for n in linears if n != desc.head] + [desc.head]
     roles = {lin.name: lin.role for lin in desc.linears()}
+    if desc.head is not None:
+        roles[desc.head] = HEAD
     owners = {n: _owner(n, roles) for n in linears}  # the described Linear a low-rank half stands in for
     specs = {n: (config.weight_spec(), config.act_spec()) for n in linears}
     for pattern, scheme in config.layer_schemes.items():
-        if pattern in ROLES or pattern in roles.values():
+        if pattern in ROLES or pattern == HEAD or pattern in roles.values():
             hits = [n for n in linears if roles.get(owners[n]) == pattern]
         else:
             hits = [n for n in linears if fnmatch.fnmatchcase(n, pattern) or fnmatch.fnmatchcase(owners[n], pattern)]
