@@ -68,3 +68,38 @@ def test_summary_and_reading(tmp_path, s2d_gain):
     text = " ".join(vit_static.reading(tmp_path))
     assert ("reached at W4A4 static" in text) == (s2d_gain > 0)
     assert "where AdamW loses ≥ 5 points" in text
+
+
+def test_measure_model_measures_only_the_cells_a_ptq_json_lacks(tmp_path, monkeypatch):
+    import importlib
+    from pathlib import Path
+
+    import s2d.assets
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
+    exp = importlib.import_module("exp_vit_static")
+    old = [c for c in vit_static.CELLS if "+repq" not in c]
+    folder = tmp_path / "ft-adamw-s0"
+    folder.mkdir()
+    before = {"FP": 0.9, "max_abs": {"residual": 31.0}, "configs": {c: {"old": True} for c in old[1:]},
+              "seconds": 10.0, **{c: 0.5 for c in old[1:]}}
+    (folder / "ptq.json").write_text(json.dumps(before))
+    asked, loads = [], []
+
+    def fake_measure(model, data, cells):
+        asked.append(tuple(cells))
+        return {"FP": 0.1, "max_abs": {"residual": 1.0}, "configs": {c: {"new": True} for c in cells if c != "FP"},
+                "seconds": 5.0, **{c: 0.25 for c in cells if c != "FP"}}
+
+    monkeypatch.setattr(exp, "measure", fake_measure)
+    monkeypatch.setattr(s2d.assets, "load_model", lambda spec: loads.append(spec) or ("model", None))
+    exp.measure_model(folder, data=None)
+    after = json.loads((folder / "ptq.json").read_text())
+    repq = tuple(c for c in vit_static.CELLS if "+repq" in c)
+    assert asked == [repq] and len(repq) == 4
+    assert after["FP"] == 0.9 and after["max_abs"] == {"residual": 31.0}  # kept, not re-measured
+    assert all(after[c] == 0.5 and after["configs"][c] == {"old": True} for c in old[1:])
+    assert all(after[c] == 0.25 and after["configs"][c] == {"new": True} for c in repq)
+    assert after["seconds"] == 15.0
+    exp.measure_model(folder, data=None)  # complete now: nothing loaded, nothing measured
+    assert len(loads) == 1 and len(asked) == 1
