@@ -42,11 +42,11 @@ def _info(args: argparse.Namespace) -> None:
 TRAIN_FLAGS = ["task", "reg", "qat", "qat_learn_scales", "qat_fixed_act_scales", "qat_calib_steps", "steps", "lr",
                "weight_decay", "batch_size", "grad_accum", "seq_len", "warmup", "seed", "eval_every",
                "checkpoint_every", "image_data", "image_folder"]
-EVAL_FLAGS = ["tasks", "seq_lens", "ppl_tokens", "convention", "bos", "limit", "batch_size", "seed"]
+EVAL_FLAGS = ["tasks", "seq_lens", "ppl_tokens", "convention", "bos", "limit", "batch_size", "seed", "image_folder"]
 LOWRANK_FLAGS = ["method", "keep", "schedule", "search", "search_task", "tolerance", "acc_tolerance", "calib",
                  "n_samples", "seq_len", "seed", "skip_slower", "skip_slower_tokens", "rank_multiple"]
 QUANT_FLAGS = ["tasks", "eval_seq_len", "ppl_tokens", "limit", "n_samples", "seq_len", "seed", "avg_bits",
-               "high_scheme", "sensitivity_samples", "sensitivity_seq_len"]
+               "high_scheme", "sensitivity_samples", "sensitivity_seq_len", "image_folder"]
 DIAGNOSE_FLAGS = ["data", "image_folder", "n_samples", "seq_len", "batch_size", "seed", "spectra"]
 EXPORT_FLAGS = ["type", "weights_only", "check_tokens"]
 
@@ -130,6 +130,8 @@ def _task_line(m: dict) -> str:
     """One task's result on one line: ppl, multiple-choice accuracy, or the bias summary."""
     from s2d.eval.bias import summary_line
 
+    if m.get("kind") == "image":
+        return f"acc {m['acc']:.4f} on {m['n']} test images (chance {m['chance']:.2f})"
     return summary_line(m) or (f"ppl {m['ppl']:.4f} on {m['n_tokens']:,} tokens" if "ppl" in m else
                                f"acc {m['acc']:.4f} acc_norm {m['acc_norm']:.4f} on {m['n']} examples")
 

@@ -2,7 +2,9 @@
 
 from s2d.assets.data import (
     DATASETS,
+    IMAGE_SETS,
     calibration_batch,
+    image_split,
     load_analogies,
     load_digits,
     load_fashion_mnist,
@@ -16,8 +18,10 @@ from s2d.assets.models import MODELS, load_model
 
 __all__ = [
     "DATASETS",
+    "IMAGE_SETS",
     "MODELS",
     "calibration_batch",
+    "image_split",
     "load_analogies",
     "load_digits",
     "load_fashion_mnist",

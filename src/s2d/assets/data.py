@@ -166,6 +166,25 @@ def load_digits() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.tensor(bunch.images, dtype=torch.float32), torch.tensor(bunch.target, dtype=torch.int64)
 
 
+IMAGE_SETS = ("fashion-mnist", "digits")
+
+
+def image_split(name: str, folder: str | Path | None = None, seed: int = 0):
+    """((train images, labels), (test images, labels)), grey images N×H×W in [0, 1]: Fashion-MNIST's own split,
+    or digits split 80/20 in a seeded order (scikit-learn ships no split). One function, so that fine-tuning,
+    calibration and evaluation always see the same split of the same images."""
+    if name == "digits":
+        images, labels = load_digits()
+        order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
+        images, labels = images[order] / 16.0, labels[order]
+        cut = int(0.8 * len(labels))
+        return (images[:cut], labels[:cut]), (images[cut:], labels[cut:])
+    if name == "fashion-mnist":
+        (x, y), (xt, yt) = load_fashion_mnist("train", folder), load_fashion_mnist("test", folder)
+        return (x.float() / 255, y), (xt.float() / 255, yt)
+    raise S2DError(f"unknown image data {name!r}; use one of {', '.join(IMAGE_SETS)}")
+
+
 def calibration_batch(tokenizer, texts: str | list[str], n_samples: int, seq_len: int, seed: int = 0) -> torch.Tensor:
     """A seeded `n_samples × seq_len` batch of token ids, windows drawn at random from `texts`."""
     if n_samples <= 0 or seq_len <= 0:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from s2d.commands.load import load_model, source_of
-from s2d.eval.suite import EvalConfig, evaluate
+from s2d.eval.suite import DEFAULT_TASKS, EvalConfig, evaluate, tasks_for
 from s2d.report.eval import report_markdown
 from s2d.runs import RunFolder
 
@@ -17,6 +18,7 @@ def run_eval(model_spec: str, config: EvalConfig, out: str | Path, trust_remote_
     with RunFolder(out, "eval", {"model": str(model_spec), **config.to_dict()}, seed=config.seed, mode=mode,
                    argv=argv) as run:
         model, tokenizer = load_model(model_spec, trust_remote_code=trust_remote_code)
+        config = dataclasses.replace(config, tasks=tasks_for(model, config.tasks, DEFAULT_TASKS))
         results = evaluate(model, tokenizer, config)
         metrics = {"model": str(model_spec), **source_of(model), "tasks": results,
                    "units": {"ppl": "exp(mean NLL per scored token)", "nll_mean": "nats per token",

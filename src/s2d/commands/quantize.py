@@ -24,6 +24,9 @@ SWEEP_SCHEMES = ("W8A8", "W6A6", "W4A8", "W4A4")
 SWEEP_METHODS = ("rtn", "gptq", "smooth+gptq", "rotate+gptq")
 
 
+DEFAULT_TASKS = ("ppl:wiki",)  # a vision model left with it is scored on images (s2d.eval.suite.tasks_for)
+
+
 @dataclass(frozen=True)
 class QuantMethod:
     """A PTQ method: how weights are rounded, after an optional outlier baseline. Tables and sweeps name it by
@@ -66,14 +69,15 @@ class QuantRunConfig(Config):
             "(of each side the two schemes differ on) stay within this budget",
             "high_scheme": "the scheme --avg-bits raises Linears to",
             "sensitivity_samples": "calibration sequences the --avg-bits sensitivities are measured on (one "
-            "forward per Linear)", "sensitivity_seq_len": "tokens of each of those sequences"}
+            "forward per Linear)", "sensitivity_seq_len": "tokens of each of those sequences",
+            "image_folder": "a Fashion-MNIST folder of IDX files instead of the Debian path (vision models)"}
     schemes: tuple[str, ...] = ("W4A4",)
     methods: tuple[str, ...] = ("rtn",)
     smooth_alpha: float = 0.5
     n_samples: int = 32  # calibration sequences from the wiki *train* split (evaluation uses the test split)
     seq_len: int = 512
     sqnr_samples: int = 4
-    tasks: tuple[str, ...] = ("ppl:wiki",)
+    tasks: tuple[str, ...] = DEFAULT_TASKS
     eval_seq_len: int = 128
     ppl_tokens: int = 16384
     limit: int | None = None
@@ -83,6 +87,9 @@ class QuantRunConfig(Config):
     high_scheme: str = "W4A8"
     sensitivity_samples: int = 4
     sensitivity_seq_len: int = 128
+    # A vision model is calibrated on n_samples train images of its image task's set and scored on its test split
+    # (with the text default tasks, on image:fashion-mnist: s2d.eval.suite.tasks_for).
+    image_folder: str | None = None
     # QuantConfig fields the run sets itself: an override of them would be overwritten or contradict the cell.
     RUN_SETS = {"w_bits": "the scheme (--scheme W4A8 means w_bits=4, a_bits=8)", "a_bits": "the scheme (--scheme W4A8)",
                 "method": "--method (or --methods)", "smooth_alpha": "--smooth ALPHA", "rotate": "--rotate",
@@ -137,7 +144,7 @@ class QuantRunConfig(Config):
         from s2d.eval.suite import EvalConfig
 
         return EvalConfig(tasks=self.tasks, seq_lens=(self.eval_seq_len,), ppl_tokens=self.ppl_tokens,
-                          limit=self.limit, seed=self.seed)
+                          limit=self.limit, seed=self.seed, image_folder=self.image_folder)
 
     def quant_config(self, scheme: str, method: str) -> QuantConfig:
         """The QuantConfig of one cell; `method` is a method label (rotate+gptq) or a recipe name (best)."""
@@ -231,7 +238,8 @@ def _quantize_into(run, model_spec: str, config: QuantRunConfig, eval_config, sa
                    trust_remote_code: bool) -> dict:
     from s2d.assets import calibration_batch, wiki_text
     from s2d.commands.load import load_model, source_of
-    from s2d.eval.suite import evaluate
+    from s2d.eval.images import IMAGE_TASKS, calibration_images
+    from s2d.eval.suite import evaluate, tasks_for
     from s2d.runs import check_metrics
 
     sweep = len(config.schemes) * len(config.methods) > 1
@@ -246,8 +254,18 @@ def _quantize_into(run, model_spec: str, config: QuantRunConfig, eval_config, sa
     for method in config.methods:  # the recipe as the user can read it, beside the config it became
         if method in recipe_names():
             atomic_write_text(run.path / f"recipe-{method}.yaml", recipe_text(method))
-    calib = calibration_batch(tokenizer, wiki_text("train"), config.n_samples, config.seq_len, config.seed)
-    sqnr_batch = calib[: config.sqnr_samples]
+    eval_config = dataclasses.replace(eval_config, tasks=tasks_for(model, eval_config.tasks,
+                                                                   DEFAULT_TASKS))
+    vision = [IMAGE_TASKS[t] for t in eval_config.tasks if t in IMAGE_TASKS]
+    if vision:  # the train split of the set it is scored on (test images are never calibrated on)
+        calib = calibration_images(model, vision[0], config.n_samples, config.image_folder, config.seed)
+        sqnr_batch = {k: v[: config.sqnr_samples] for k, v in calib.items()}
+        if config.avg_bits is not None:
+            raise S2DError("--avg-bits measures sensitivities on token sequences; for a vision model give the "
+                           "Linears' schemes by hand with --layer-scheme")
+    else:
+        calib = calibration_batch(tokenizer, wiki_text("train"), config.n_samples, config.seq_len, config.seed)
+        sqnr_batch = calib[: config.sqnr_samples]
     mixed = None if config.avg_bits is None else \
         (config.high_scheme, config.avg_bits, calib[: config.sensitivity_samples, : config.sensitivity_seq_len])
     rows = _finished_rows(run.path, str(model_spec), eval_config.to_dict())  # a sweep resumes cell by cell

@@ -82,19 +82,9 @@ class ImageTask:
     """Image classification (digits or Fashion-MNIST), resized to the model's input size."""
 
     def __init__(self, config, model_config, seed: int, eval_samples: int):
-        from s2d.assets import load_digits, load_fashion_mnist
+        from s2d.assets import image_split
 
-        if config.image_data == "digits":
-            images, labels = load_digits()
-            images = images / 16.0
-            order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
-            images, labels = images[order], labels[order]
-            split = int(0.8 * len(labels))
-            self.train, self.test = (images[:split], labels[:split]), (images[split:], labels[split:])
-        else:
-            x, y = load_fashion_mnist("train", config.image_folder)
-            xt, yt = load_fashion_mnist("test", config.image_folder)
-            self.train, self.test = (x.float() / 255, y), (xt.float() / 255, yt)
+        self.train, self.test = image_split(config.image_data, config.image_folder, seed)
         self.size = int(model_config.image_size)
         self.channels = int(getattr(model_config, "num_channels", 1))
         self.seed, self.eval_samples = seed, eval_samples

