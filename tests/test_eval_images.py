@@ -98,3 +98,26 @@ def test_quantize_a_vit_from_the_command_layer_and_reload_it(tmp_path):
     reloaded, _ = s2d.load_model(str(tmp_path / "q" / "model"))
     again = evaluate_image_task(reloaded, "image:digits", limit=60)
     assert again["acc"] == cell["eval"]["image:digits"]["acc"]
+
+
+def test_low_rank_calibration_of_a_vit_is_its_train_images():
+    import copy
+
+    from s2d.lowrank import LowRankConfig, compress
+
+    model = load_model("tiny:vit")[0]
+    config = LowRankConfig(method="rom", keep=0.8, calib="digits", n_samples=16)
+    by_name, by_hand = copy.deepcopy(model), copy.deepcopy(model)
+    compress(by_name, config, progress=False)
+    compress(by_hand, config, calib=calibration_images(model, "digits", 16, seed=config.seed), progress=False)
+    a, b = by_name.state_dict(), by_hand.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    other = copy.deepcopy(model)  # rom's factors depend on the images: other images give other factors
+    compress(other, config, calib=calibration_images(model, "digits", 16, seed=1), progress=False)
+    c = other.state_dict()
+    assert any(not torch.equal(a[k], c[k]) for k in a) and len(a) > len(model.state_dict())  # factorized
+    with pytest.raises(S2DError, match="--calib fashion-mnist or digits"):
+        compress(copy.deepcopy(model), LowRankConfig(method="rom", keep=0.8, n_samples=4), progress=False)
+    llama, tok = load_model("tiny:llama")
+    with pytest.raises(S2DError, match="use --calib wiki"):
+        compress(llama, config, tokenizer=tok, progress=False)

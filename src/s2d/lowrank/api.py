@@ -55,10 +55,19 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def calibration(tokenizer, config: LowRankConfig) -> torch.Tensor:
-    """`n_samples × seq_len` token windows from wiki train, seeded; too little text is an error."""
-    from s2d.assets import calibration_batch, wiki_text, wiki_tokens
+def calibration(tokenizer, config: LowRankConfig, model: nn.Module | None = None) -> torch.Tensor | dict:
+    """`n_samples × seq_len` token windows from wiki train, seeded; too little text is an error. A vision model
+    calibrates on `n_samples` seeded train images of the image set `config.calib` names."""
+    from s2d.assets import IMAGE_SETS, calibration_batch, wiki_text, wiki_tokens
 
+    vision = model is not None and describe(model).kind == "vision"
+    if vision != (config.calib in IMAGE_SETS):
+        raise S2DError(f"calibration set {config.calib!r} cannot feed this {'vision' if vision else 'text'} model: "
+                       + (f"pass --calib {' or '.join(IMAGE_SETS)} (train images)" if vision else "use --calib wiki"))
+    if vision:
+        from s2d.eval.images import calibration_images
+
+        return calibration_images(model, config.calib, config.n_samples, seed=config.seed)
     if config.calib != "wiki":
         raise S2DError(f"unknown calibration set {config.calib!r}: s2d ships 'wiki' (train split); or pass token "
                        "ids as calib=")
@@ -169,10 +178,10 @@ def _report(model_params_after: int, plan: RankPlan, config: LowRankConfig, t0: 
                              peak_rss_mb(), tokens, search, shapes, speed)
 
 
-def _batch(config: LowRankConfig, calib, tokenizer) -> tuple[object, int]:
+def _batch(config: LowRankConfig, calib, tokenizer, model: nn.Module | None = None) -> tuple[object, int]:
     if STATS[config.method] is None:
         return None, 0
-    batch = calib if calib is not None else calibration(tokenizer, config)
+    batch = calib if calib is not None else calibration(tokenizer, config, model)
     return batch, _check_calib(batch)
 
 
@@ -188,13 +197,13 @@ def compress(model: nn.Module, config: LowRankConfig, filter: Filter | None = No
     if config.search:
         from s2d.lowrank.search import surgical_search
 
-        batch, tokens = _batch(config, calib, tokenizer)
+        batch, tokens = _batch(config, calib, tokenizer, model)
         plan, info = surgical_search(model, desc, config, targets_of(desc, filter), batch, tokenizer, progress,
                                      probe)
         _describe_in_config(model, config)
         return _report(model_parameters(model), plan, config, t0, tokens, info)
     plan, speed = skip_slower(plan_for(model, desc, config, filter), config)
-    batch, tokens = _batch(config, calib, tokenizer) if plan.ranks else (None, 0)
+    batch, tokens = _batch(config, calib, tokenizer, model) if plan.ranks else (None, 0)
     decompose_blocks(desc, plan.ranks, config, batch, progress=progress)
     _describe_in_config(model, config)
     return _report(model_parameters(model), plan, config, t0, tokens, speed=speed)
@@ -231,10 +240,10 @@ def compress_folder(folder: str | Path, config: LowRankConfig, out: str | Path, 
     model = skeleton(hf_config, model_class)
     model.tie_weights()
     desc = describe(model)
-    if calib is None and tokenizer is None and STATS[config.method]:
+    if calib is None and tokenizer is None and STATS[config.method] and desc.kind != "vision":
         raise S2DError(f"{config.method} calibrates on data: pass calib (token ids) or the model's tokenizer")
     plan, speed = skip_slower(plan_for(model, desc, config, filter), config)
-    batch, tokens = _batch(config, calib, tokenizer) if plan.ranks else (None, 0)
+    batch, tokens = _batch(config, calib, tokenizer, model) if plan.ranks else (None, 0)
     by_name = {layer.name: layer for layer in plan.layers}
     source_bytes = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
     with atomic_dir(out, needed=source_bytes) as tmp:

@@ -26,7 +26,8 @@ class LowRankConfig(Config):
             "tolerance": "ppl search: accept a rank while ppl ≤ ppl_ref · TOLERANCE^(Linears walked); looser goes "
             "further below --keep's reach",
             "acc_tolerance": "task search: accuracy drop allowed per chunk against the dense model",
-            "calib": "calibration text (wiki: the train split)", "n_samples": "calibration sequences",
+            "calib": "calibration data: wiki (train split) for text models; fashion-mnist or digits (train "
+                     "images) for vision models", "n_samples": "calibration sequences",
             "seq_len": "calibration sequence length", "seed": "seed of the calibration windows",
             "skip_slower": "leave a Linear dense where its two factors time slower than its one dense matmul on "
             "this machine (budgets and --ranks; the model then keeps more than --keep)",
