@@ -136,6 +136,65 @@ def test_compress_from_disk_block_by_block_equals_in_memory(tmp_path, family):
     assert torch.equal(_logits(again, ids), _logits(model, ids))
 
 
+def _vit_logits(model, pixels):
+    with torch.no_grad():
+        return model(pixel_values=pixels).logits
+
+
+@pytest.mark.parametrize("method", ["svd", "rom"])
+def test_vit_checkpoint_in_legacy_names_compresses_from_disk_like_in_memory(tmp_path, method):
+    """ViT checkpoints hold the names transformers used before it renamed the modules (encoder.layer.N.attention
+    .attention.query); the disk path renames them as from_pretrained does and writes them back as
+    save_pretrained does."""
+    model, _ = load_model("tiny:vit")
+    model.save_pretrained(tmp_path / "dense")
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "dense" / "model.safetensors", "pt") as fh:
+        assert "vit.encoder.layer.0.attention.attention.query.weight" in set(fh.keys())  # the legacy layout
+    size = model.config.image_size
+    pixels = torch.randn(6, model.config.num_channels, size, size, generator=torch.Generator().manual_seed(0))
+    calib = {"pixel_values": pixels} if method == "rom" else None
+    config = LowRankConfig(method=method, keep=0.75, chunk_size=4)
+    mem = compress(model, config, calib=calib, progress=False)
+    disk = compress_folder(tmp_path / "dense", config, tmp_path / "out", calib=calib, progress=False,
+                           **_describes(tmp_path / "dense"))
+    assert disk.ranks == mem.ranks and disk.summary == mem.summary
+    again, _ = load_model(tmp_path / "out")
+    assert torch.allclose(_vit_logits(again, pixels), _vit_logits(model, pixels), atol=1e-5)
+    save(model, tmp_path / "mem", method=method)  # the in-memory save writes the same names, and reloads too
+    written = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())["weight_map"]
+    with safe_open(tmp_path / "mem" / "model.safetensors", "pt") as fh:
+        assert set(written) == set(fh.keys())
+    again, _ = load_model(tmp_path / "mem")
+    assert torch.allclose(_vit_logits(again, pixels), _vit_logits(model, pixels), atol=1e-5)
+
+
+def test_checkpoint_names_are_renamed_by_transformers_rules_and_conversions_refused():
+    from s2d.lowrank.io import skeleton
+    from s2d.lowrank.names import model_names
+
+    vit, _ = load_model("tiny:vit")
+    vit = skeleton(vit.config, type(vit))
+    legacy = ["vit.encoder.layer.1.attention.attention.query.weight", "vit.encoder.layer.1.attention.output.dense.bias",
+              "vit.encoder.layer.1.intermediate.dense.weight", "vit.encoder.layer.1.output.dense.weight",
+              "vit.embeddings.cls_token", "classifier.weight"]
+    assert model_names(vit, legacy) == {
+        "vit.layers.1.attention.q_proj.weight": legacy[0], "vit.layers.1.attention.o_proj.bias": legacy[1],
+        "vit.layers.1.mlp.fc1.weight": legacy[2], "vit.layers.1.mlp.fc2.weight": legacy[3],
+        "vit.embeddings.cls_token": legacy[4], "classifier.weight": legacy[5]}
+    assert model_names(vit, ["vit.layers.1.mlp.fc2.weight"]) == {"vit.layers.1.mlp.fc2.weight":
+                                                                 "vit.layers.1.mlp.fc2.weight"}  # already current
+    llama, _ = load_model("tiny:llama")
+    keys = list(llama.state_dict())
+    assert model_names(llama, keys) == {k: k for k in keys}  # families without renamings pass through
+    dinov2 = skeleton(transformers.Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                                intermediate_size=64, use_swiglu_ffn=True, image_size=32,
+                                                patch_size=8), transformers.Dinov2Model)
+    with pytest.raises(S2DError, match=r"encoder\.layer\.0\.mlp\.weights_in\.weight.*compress it in memory"):
+        model_names(dinov2, ["encoder.layer.0.mlp.weights_in.weight"])  # one tensor split in two: a converter
+
+
 def test_compress_from_disk_frees_each_block_it_has_written(tmp_path, monkeypatch):
     """Peak memory follows one block: once block i is written, no block Linear holds real weights (the
     replaced dense Linears included, which the model description still references)."""

@@ -17,6 +17,7 @@ from torch import nn
 from s2d.errors import S2DError
 from s2d.io import atomic_dir, atomic_write_json, nbytes
 from s2d.lowrank.factorized import FactorizedLinear
+from s2d.lowrank.names import model_names
 
 FORMAT, VERSION = "s2d.lowrank", 1
 INDEX = "model.safetensors.index.json"
@@ -194,7 +195,9 @@ def load(folder: str | Path, config, model_cls, dtype: torch.dtype = torch.float
     model = skeleton(config, model_cls, dtype)
     apply_block(model, config.low_rank)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    shapes = tensor_shapes(folder, mapping)
+    names = model_names(model, mapping)  # model name → the name save_pretrained wrote it under
+    file_shapes = tensor_shapes(folder, mapping)
+    shapes = {k: file_shapes[c] for k, c in names.items()}
     wrong = [f"{k}: file {shapes[k]}, model {expected[k]}" for k in shapes
              if k in expected and shapes[k] != expected[k]]
     if wrong:
@@ -205,7 +208,8 @@ def load(folder: str | Path, config, model_cls, dtype: torch.dtype = torch.float
     if missing or unexpected:
         raise S2DError(f"the weights in {folder} do not match its low_rank block: missing {sorted(missing)[:5]}, "
                        f"unexpected {sorted(unexpected)[:5]}")
-    state = read_tensors(folder, list(shapes), mapping)
+    state = read_tensors(folder, list(names.values()), mapping)
+    state = {k: state[c] for k, c in names.items()}
     model.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()},
                           strict=False, assign=True)
     model.tie_weights()

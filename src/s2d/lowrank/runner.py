@@ -19,6 +19,7 @@ from s2d.arch.finite import check_finite_tensors
 from s2d.errors import S2DError
 from s2d.lowrank.asvd import InputGram
 from s2d.lowrank.io import read_tensors, tied_keys, weight_map
+from s2d.lowrank.names import checkpoint_state, model_names
 from s2d.lowrank.rom import GramOutputStats, OutputStats, input_covariance_root
 
 
@@ -173,16 +174,32 @@ class DiskBlocks:
     def __init__(self, folder: str | Path, desc: ModelDescription, out: Path):
         self.folder, self.desc, self.out = Path(folder), desc, Path(out)
         self.mapping = weight_map(self.folder)
+        # Checkpoints keep the names of older transformers releases; the model is matched under its own names
+        # and the output written under the checkpoint's, as from_pretrained and save_pretrained do.
+        self.names = model_names(desc.model, self.mapping)
         self.prefixes = [b.name + "." for b in desc.blocks]
         self.written: dict[str, str] = {}
 
     def _block_keys(self, i: int) -> list[str]:
-        return [k for k in self.mapping if k.startswith(self.prefixes[i])]
+        return [k for k in self.names if k.startswith(self.prefixes[i])]
+
+    def _read(self, keys: list[str]) -> dict[str, torch.Tensor]:
+        """The tensors of these model names, read under their checkpoint names."""
+        state = read_tensors(self.folder, [self.names[k] for k in keys], self.mapping)
+        return {k: state[self.names[k]] for k in keys}
+
+    def _write(self, state: dict[str, torch.Tensor], name: str) -> None:
+        """One output file, under the names save_pretrained writes (so the in-memory and disk folders agree)."""
+        from safetensors.torch import save_file
+
+        state = checkpoint_state(self.desc.model, state)
+        save_file(state, self.out / name, metadata={"format": "pt"})
+        self.written.update({k: name for k in state})
 
     def load_rest(self) -> None:
         """Embeddings, final norm, head: everything outside the blocks."""
         model = self.desc.model
-        keys = [k for k in self.mapping if not any(k.startswith(p) for p in self.prefixes)]
+        keys = [k for k in self.names if not any(k.startswith(p) for p in self.prefixes)]
         expected = {k for k in model.state_dict() if not any(k.startswith(p) for p in self.prefixes)}
         tied = tied_keys(model)
         missing = expected - set(keys) - tied
@@ -194,7 +211,7 @@ class DiskBlocks:
         head = self.desc.head + "." if self.desc.head else None
         self.deferred = [k for k in keys if head and k.startswith(head) and k not in tied]
         loaded = [k for k in keys if k not in self.deferred]
-        rest = read_tensors(self.folder, loaded, self.mapping)
+        rest = self._read(loaded)
         check_finite_tensors(rest.items(), str(self.folder))
         model.load_state_dict(rest, strict=False, assign=True)
         model.tie_weights()
@@ -207,34 +224,26 @@ class DiskBlocks:
         if set(keys) != expected:
             raise S2DError(f"block {i} in {self.folder} does not match the config: missing "
                            f"{sorted(expected - set(keys))[:5]}, unexpected {sorted(set(keys) - expected)[:5]}")
-        state = read_tensors(self.folder, keys, self.mapping)
+        state = self._read(keys)
         check_finite_tensors(state.items(), str(self.folder))
         block.load_state_dict({k[len(prefix):]: v for k, v in state.items()}, strict=True, assign=True)
 
     def release(self, i: int) -> None:
-        from safetensors.torch import save_file
-
         block, prefix = self.desc.blocks[i].module, self.prefixes[i]
-        name = f"block-{i:05d}.safetensors"
-        state = {prefix + k: v.contiguous() for k, v in block.state_dict().items()}
-        save_file(state, self.out / name, metadata={"format": "pt"})
-        self.written.update({k: name for k in state})
+        self._write({prefix + k: v.contiguous() for k, v in block.state_dict().items()}, f"block-{i:05d}.safetensors")
         block.to("meta")
         for lin in self.desc.blocks[i].linears:  # the description still references Linears replaced in the block
             lin.module.to("meta")
 
     def finish(self, config: dict) -> None:
         """Write the non-block tensors, the shard index, config.json and the folder's other files."""
-        from safetensors.torch import save_file
-
         from s2d.io import atomic_write_json
         from s2d.lowrank.io import INDEX
 
         state = self.desc.model.state_dict()
         rest = {k: state[k].contiguous() for k in self.rest}
-        rest.update(read_tensors(self.folder, self.deferred, self.mapping))
-        save_file(rest, self.out / "rest.safetensors", metadata={"format": "pt"})
-        self.written.update({k: "rest.safetensors" for k in rest})
+        rest.update(self._read(self.deferred))
+        self._write(rest, "rest.safetensors")
         total = sum(f.stat().st_size for f in self.out.glob("*.safetensors"))
         atomic_write_json(self.out / INDEX, {"metadata": {"total_size": total}, "weight_map": self.written})
         for f in self.folder.iterdir():
