@@ -430,8 +430,9 @@ def verdict(root: Path) -> list[str]:
                  + [f"{c} {labels[m]} away from 50" for c, m in other["away"]])
         lines.append("Beyond the low-rank cells, moved beyond the paired interval: " + ", ".join(moved) + ".")
     elif len(d) > len(lowrank_names):
-        lines.append("No quantized or fine-tuned model (nor S2D against AdamW) moves a bias score beyond its paired "
-                     "interval.")
+        lines.append("No quantized or fine-tuned model (nor S2D against AdamW) moves a bias score toward or away "
+                     "from 50 beyond its paired interval (a raw score can shift beyond its interval while its distance "
+                     "to 50 does not, e.g. by crossing 50).")
     if not lowrank_names:
         return lines
     k = len(lowrank_names) * len(TOWARD_50)
