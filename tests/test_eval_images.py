@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from s2d.assets import load_model
+from s2d.assets import calibration_images, load_model
 from s2d.errors import S2DError
-from s2d.eval.images import calibration_images, evaluate_image_task
+from s2d.eval.images import evaluate_image_task
 from s2d.eval.suite import EvalConfig, evaluate
 
 

@@ -185,6 +185,23 @@ def image_split(name: str, folder: str | Path | None = None, seed: int = 0):
     raise S2DError(f"unknown image data {name!r}; use one of {', '.join(IMAGE_SETS)}")
 
 
+def model_pixels(model, images: torch.Tensor) -> torch.Tensor:
+    """Grey images N×H×W in [0, 1] as `model`'s pixel_values (its config's image_size and num_channels)."""
+    config = model.config
+    if getattr(config, "image_size", None) is None:
+        raise S2DError(f"{type(model).__name__} has no image_size in its config: image data needs a vision model")
+    return pixel_values(images, int(config.image_size), int(getattr(config, "num_channels", 1)))
+
+
+def calibration_images(model, images: str, n_samples: int, folder: str | Path | None = None, seed: int = 0) -> dict:
+    """`n_samples` seeded train images of the set `images` as the model's pixel_values (never test images)."""
+    if n_samples < 1:
+        raise S2DError(f"n_samples must be ≥ 1, got {n_samples}")
+    (train, _), _ = image_split(images, folder, seed)
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:n_samples]
+    return {"pixel_values": model_pixels(model, train[order])}
+
+
 def calibration_batch(tokenizer, texts: str | list[str], n_samples: int, seq_len: int, seed: int = 0) -> torch.Tensor:
     """A seeded `n_samples × seq_len` batch of token ids, windows drawn at random from `texts`."""
     if n_samples <= 0 or seq_len <= 0:

@@ -236,9 +236,9 @@ def run_quantize(model_spec: str, config: QuantRunConfig, out: str | Path, save_
 
 def _quantize_into(run, model_spec: str, config: QuantRunConfig, eval_config, save_model: bool, progress: bool,
                    trust_remote_code: bool) -> dict:
-    from s2d.assets import calibration_batch, wiki_text
+    from s2d.assets import calibration_batch, calibration_images, wiki_text
     from s2d.commands.load import load_model, source_of
-    from s2d.eval.images import IMAGE_TASKS, calibration_images
+    from s2d.eval.images import IMAGE_TASKS
     from s2d.eval.suite import evaluate, tasks_for
     from s2d.runs import check_metrics
 

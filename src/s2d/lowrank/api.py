@@ -65,7 +65,7 @@ def calibration(tokenizer, config: LowRankConfig, model: nn.Module | None = None
         raise S2DError(f"calibration set {config.calib!r} cannot feed this {'vision' if vision else 'text'} model: "
                        + (f"pass --calib {' or '.join(IMAGE_SETS)} (train images)" if vision else "use --calib wiki"))
     if vision:
-        from s2d.eval.images import calibration_images
+        from s2d.assets import calibration_images
 
         return calibration_images(model, config.calib, config.n_samples, seed=config.seed)
     if config.calib != "wiki":
