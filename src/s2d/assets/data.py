@@ -169,19 +169,21 @@ def load_digits() -> tuple[torch.Tensor, torch.Tensor]:
 IMAGE_SETS = ("fashion-mnist", "digits")
 
 
-def image_split(name: str, folder: str | Path | None = None, seed: int = 0):
-    """((train images, labels), (test images, labels)), grey images N×H×W in [0, 1]: Fashion-MNIST's own split,
-    or digits split 80/20 in a seeded order (scikit-learn ships no split). One function, so that fine-tuning,
-    calibration and evaluation always see the same split of the same images."""
+def image_split(name: str, split: str, folder: str | Path | None = None, seed: int = 0):
+    """(images, labels) of one split, grey images N×H×W in [0, 1]: Fashion-MNIST's own split (only that split's
+    files are read), or digits split 80/20 in a seeded order (scikit-learn ships no split). One function, so that
+    fine-tuning, calibration and evaluation always see the same split of the same images."""
+    if split not in ("train", "test"):
+        raise S2DError(f"image data has splits train and test, not {split!r}")
     if name == "digits":
         images, labels = load_digits()
         order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
-        images, labels = images[order] / 16.0, labels[order]
         cut = int(0.8 * len(labels))
-        return (images[:cut], labels[:cut]), (images[cut:], labels[cut:])
+        order = order[:cut] if split == "train" else order[cut:]
+        return images[order] / 16.0, labels[order]
     if name == "fashion-mnist":
-        (x, y), (xt, yt) = load_fashion_mnist("train", folder), load_fashion_mnist("test", folder)
-        return (x.float() / 255, y), (xt.float() / 255, yt)
+        x, y = load_fashion_mnist(split, folder)
+        return x.float() / 255, y
     raise S2DError(f"unknown image data {name!r}; use one of {', '.join(IMAGE_SETS)}")
 
 
@@ -197,7 +199,7 @@ def calibration_images(model, images: str, n_samples: int, folder: str | Path | 
     """`n_samples` seeded train images of the set `images` as the model's pixel_values (never test images)."""
     if n_samples < 1:
         raise S2DError(f"n_samples must be ≥ 1, got {n_samples}")
-    (train, _), _ = image_split(images, folder, seed)
+    train, _ = image_split(images, "train", folder, seed)
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:n_samples]
     return {"pixel_values": model_pixels(model, train[order])}
 

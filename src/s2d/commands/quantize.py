@@ -11,6 +11,7 @@ from pathlib import Path
 from s2d.config import Config
 from s2d.errors import S2DError
 from s2d.quant.api import check_quantizable, convert, prepare
+from s2d.quant.calib import iter_chunks
 from s2d.quant.config import QuantConfig, parse_kv_bits
 from s2d.quant.mixed import average_bits
 from s2d.quant.recipes import NO_ROTATION, recipe, recipe_fields, recipe_names, recipe_text
@@ -259,13 +260,12 @@ def _quantize_into(run, model_spec: str, config: QuantRunConfig, eval_config, sa
     vision = [IMAGE_TASKS[t] for t in eval_config.tasks if t in IMAGE_TASKS]
     if vision:  # the train split of the set it is scored on (test images are never calibrated on)
         calib = calibration_images(model, vision[0], config.n_samples, config.image_folder, config.seed)
-        sqnr_batch = {k: v[: config.sqnr_samples] for k, v in calib.items()}
         if config.avg_bits is not None:
             raise S2DError("--avg-bits measures sensitivities on token sequences; for a vision model give the "
                            "Linears' schemes by hand with --layer-scheme")
     else:
         calib = calibration_batch(tokenizer, wiki_text("train"), config.n_samples, config.seq_len, config.seed)
-        sqnr_batch = calib[: config.sqnr_samples]
+    sqnr_batch = next(iter_chunks(calib, config.sqnr_samples))  # the first samples, tokens or images alike
     mixed = None if config.avg_bits is None else \
         (config.high_scheme, config.avg_bits, calib[: config.sensitivity_samples, : config.sensitivity_seq_len])
     rows = _finished_rows(run.path, str(model_spec), eval_config.to_dict())  # a sweep resumes cell by cell

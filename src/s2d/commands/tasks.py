@@ -84,7 +84,8 @@ class ImageTask:
     def __init__(self, config, model_config, seed: int, eval_samples: int):
         from s2d.assets import image_split
 
-        self.train, self.test = image_split(config.image_data, config.image_folder, seed)
+        self.train, self.test = (image_split(config.image_data, split, config.image_folder, seed)
+                                 for split in ("train", "test"))
         self.size = int(model_config.image_size)
         self.channels = int(getattr(model_config, "num_channels", 1))
         self.seed, self.eval_samples = seed, eval_samples

@@ -24,7 +24,7 @@ def evaluate_image_task(model: nn.Module, task: str, limit: int | None = None, f
     from s2d.eval.classify import classification_accuracy
 
     name = image_set(task)
-    _, (images, labels) = image_split(name, folder, seed)
+    images, labels = image_split(name, "test", folder, seed)
     images, labels = images[:limit], labels[:limit]
     logits_width = getattr(model.config, "num_labels", None)
     classes = int(labels.max()) + 1

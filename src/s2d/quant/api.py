@@ -98,11 +98,11 @@ def convert(model: nn.Module, config: QuantConfig, filter: Filter | None = None,
         quantize_softmax(model, config.softmax_bits)
     if config.patch_embed_bits is not None:
         quantize_patch_embed(model, config)
-    if (static and any(a is not None for _, a in specs.values())) or config.softmax_bits is not None \
-            or (static and config.patch_embed_bits is not None):
+    if calib is not None:  # a no-op unless some layer has a static scale or a softmax delta to calibrate
         calibrate_activations(model, calib, chunk_size)
     if config.a_clip_search:
-        search_activation_clips(model, calib[: config.clip_search_samples], config.a_clip, chunk_size, progress)
+        search_activation_clips(model, next(iter_chunks(calib, config.clip_search_samples)), config.a_clip,
+                                chunk_size, progress)
     model.s2d_quant_config = config
     return model
 
@@ -159,6 +159,8 @@ def calibrate_activations(model: nn.Module, calib: CalibBatch, chunk_size: int =
     batch, all in one pass (each observes the model with weights quantized and activations in float)."""
     layers = [m for m in model.modules() if (isinstance(m, QuantLinear | QuantConv2d) and m.a_static)
               or isinstance(m, LogSqrt2Quant)]
+    if not layers:
+        return
     for m in layers:
         m.start_calibration()
     desc = describe(model)

@@ -16,7 +16,7 @@ from s2d.errors import S2DError
 from s2d.quant.config import QuantConfig
 from s2d.quant.linear import StaticActCalibration
 from s2d.quant.observer import RangeObserver
-from s2d.quant.primitives import QuantSpec, choose_qparams, dequantize_affine, fake_quantize, quantize_affine
+from s2d.quant.primitives import QuantSpec, choose_qparams, dequantize_affine, quantize_affine
 from s2d.quant.swap import set_module
 
 
@@ -52,9 +52,7 @@ class QuantConv2d(StaticActCalibration, nn.Module):
                              torch.zeros(out, 1, dtype=w_spec.int_dtype))
         self.register_buffer("bias", None if conv.bias is None else conv.bias.detach().clone())
         if a_static:
-            self.register_buffer("act_scale", torch.ones(()))
-            self.register_buffer("act_zero_point", None if a_spec.symmetric else
-                                 torch.zeros((), dtype=a_spec.int_dtype))
+            self.register_static_scale(a_spec)
         self.register_buffer("weight", torch.zeros(self.shape), persistent=False)
 
     @classmethod
@@ -81,14 +79,7 @@ class QuantConv2d(StaticActCalibration, nn.Module):
         self.refresh()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.observer is not None:  # calibrating the static scale: observe, do not quantize yet
-            self.observer.update(x)
-        elif self.a_static:
-            ones = [1] * x.dim()
-            zero = None if self.act_zero_point is None else self.act_zero_point.reshape(ones)
-            x = fake_quantize(x, self.a_spec, self.act_scale.reshape(ones), zero)
-        else:
-            x = fake_quantize(x, self.a_spec)
+        x = self.quantize_activation(x, self.a_spec)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.conv2d(x, self.weight.to(x.dtype), bias, self.stride, self.padding, self.dilation, self.groups)
 
@@ -106,9 +97,10 @@ def patch_embed_name(model: nn.Module) -> str:
     return desc.patch_embed
 
 
-def quantize_patch_embed(model: nn.Module, config: QuantConfig) -> QuantConv2d:
-    """Swap the patch embedding's Conv2d for a QuantConv2d at config.patch_embed_bits (RTN weights), in place."""
-    name = patch_embed_name(model)
+def quantize_patch_embed(model: nn.Module, config: QuantConfig, name: str | None = None) -> QuantConv2d:
+    """Swap the patch embedding's Conv2d (at `name`, found by the adapter if not given) for a QuantConv2d at
+    config.patch_embed_bits (RTN weights), in place."""
+    name = name or patch_embed_name(model)
     conv = model.get_submodule(name)
     if not isinstance(conv, nn.Conv2d):
         raise S2DError(f"{name} is a {type(conv).__name__}, not the Conv2d patch_embed_bits quantizes")
@@ -122,8 +114,8 @@ def restore_patch_embed(model: nn.Module, config: QuantConfig, tensors: dict[str
     """Put the saved QuantConv2d back in a model loaded from a saved folder (its integer weights and scales)."""
     if config.patch_embed_bits is None:
         return
-    layer = quantize_patch_embed(model, config)
-    prefix = patch_embed_name(model) + "."
+    name = patch_embed_name(model)
+    layer, prefix = quantize_patch_embed(model, config, name), name + "."
     state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
     missing, unexpected = layer.load_state_dict(state, strict=False)
     if missing or unexpected:

@@ -72,7 +72,7 @@ def save_quantized(model: nn.Module, folder: str | Path, tokenizer=None, config:
             plain_state[f"{name}.bias"] = conv.bias
     # Version 1 readers rebuild every layer from the config's bits: a mixed folder must not look readable to them.
     mixed = any((e["w_bits"], e["a_bits"]) != (config.w_bits, config.a_bits) for e in entries.values())
-    version = 3 if (config.softmax_bits, config.patch_embed_bits) != (None, None) else (2 if mixed else 1)
+    version = FORMAT_VERSION if (config.softmax_bits, config.patch_embed_bits) != (None, None) else (2 if mixed else 1)
     block = {"format": FORMAT, "format_version": version, "config": config.to_dict(), "layers": entries}
     folder = Path(folder)
     with atomic_dir(folder, needed=nbytes(model.state_dict().values())) as tmp:

@@ -22,8 +22,26 @@ from s2d.quant.rotate import Rotation
 
 
 class StaticActCalibration:
-    """Calibration of a per-tensor static activation scale (the layer's act_scale and act_zero_point buffers):
-    shared by QuantLinear and the QAT FakeQuantLinear, whose forwards observe while `observer` is set."""
+    """A per-tensor static activation scale (the layer's act_scale and act_zero_point) and its calibration: shared
+    by QuantLinear, the patch embedding's QuantConv2d and the QAT FakeQuantLinear, whose forwards observe while
+    `observer` is set."""
+
+    def register_static_scale(self, a_spec: QuantSpec) -> None:
+        self.register_buffer("act_scale", torch.ones(()))
+        self.register_buffer("act_zero_point", None if a_spec.symmetric else torch.zeros((), dtype=a_spec.int_dtype))
+
+    def static_fake_quantize(self, x: torch.Tensor) -> torch.Tensor:
+        """`x` on the calibrated per-tensor grid, the one scale broadcast over every dimension."""
+        ones = [1] * x.dim()
+        zero = None if self.act_zero_point is None else self.act_zero_point.reshape(ones)
+        return fake_quantize(x, self.a_spec, self.act_scale.reshape(ones), zero)
+
+    def quantize_activation(self, x: torch.Tensor, dynamic_spec: QuantSpec) -> torch.Tensor:
+        """Observe `x` while calibrating (and pass it on unrounded); else round it statically or dynamically."""
+        if self.observer is not None:
+            self.observer.update(x)
+            return x
+        return self.static_fake_quantize(x) if self.a_static else fake_quantize(x, dynamic_spec)
 
     def start_calibration(self) -> None:
         if self.a_static:
@@ -67,9 +85,7 @@ class QuantLinear(StaticActCalibration, nn.Module):
                                  None if w_spec.symmetric else torch.zeros(counts, dtype=w_spec.int_dtype))
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
         if self.a_static:
-            self.register_buffer("act_scale", torch.ones(()))
-            zero = None if a_spec.symmetric else torch.zeros((), dtype=a_spec.int_dtype)
-            self.register_buffer("act_zero_point", zero)
+            self.register_static_scale(a_spec)
         elif a_spec is not None:  # dynamic scales: this layer's own clip ratio (a calibrated search may set it)
             self.register_buffer("act_clip", torch.tensor(float(a_spec.clip)))
         self.register_buffer("weight", torch.zeros(out_features, in_features), persistent=False)
@@ -126,14 +142,7 @@ class QuantLinear(StaticActCalibration, nn.Module):
         if self.rotation is not None:
             x = self.rotation(x)
         if self.a_spec is not None:
-            if self.observer is not None:  # calibrating static scales: observe, do not quantize yet
-                self.observer.update(x)
-            elif self.a_static:
-                ones = [1] * x.dim()
-                zero = None if self.act_zero_point is None else self.act_zero_point.reshape(ones)
-                x = fake_quantize(x, self.a_spec, self.act_scale.reshape(ones), zero)
-            else:
-                x = fake_quantize(x, self.dynamic_spec)
+            x = self.quantize_activation(x, self.dynamic_spec)
         return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
 
@@ -250,9 +259,7 @@ class FakeQuantLinear(StaticActCalibration, nn.Linear):
             raise S2DError("this QAT layer's static activation scale was never calibrated: run "
                            "s2d.quant.qat.calibrate_qat(model, batches) before training (s2d.train.train does)")
         if not self.learns_act_scale:  # QuantLinear's own static path, so the integer model matches bit for bit
-            ones = [1] * x.dim()
-            zero = None if self.act_zero_point is None else self.act_zero_point.reshape(ones)
-            return fake_quantize(x, self.a_spec, self.act_scale.reshape(ones), zero)
+            return self.static_fake_quantize(x)
         scale = self.static_act_scale()
         if torch.is_grad_enabled() and scale.requires_grad:
             # LSQ's gradient scale g = 1/sqrt(N·Qp), N the values this scale quantizes here: without it the scale's
