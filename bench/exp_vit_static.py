@@ -38,7 +38,7 @@ continues from the last checkpoint):
 The table, the plain-words answer and the figure are s2d.experiments.vit_static's, read from the run folders.
 
 Usage: python bench/exp_vit_static.py [--root runs/exp-vit-static] [--epochs 30] [--lr 2e-3] [--seeds 0 1 2]
-           [--n-test 10000] [--table] [--smoke]
+           [--n-test 10000] [--jobs 1] [--table] [--smoke]
        --smoke runs every stage at a tiny size (runs/exp-vit-static-smoke) to check the pipeline in minutes.
 """
 
@@ -225,7 +225,7 @@ def stage(root: Path, name: str, cmd: list[str], data: Data, curve: bool = False
 
 def write_plan(root: Path, args: argparse.Namespace) -> None:
     from s2d.assets import load_fashion_mnist
-    from s2d.io import atomic_write_json
+    from s2d.io import atomic_write_json, atomic_write_text
 
     plan = {"command": " ".join(["python", "bench/exp_vit_static.py", *sys.argv[1:]]), "smoke": args.smoke,
             "model": MODEL, "steps_per_epoch": args.steps_per_epoch, "epochs": args.epochs, "lr": args.lr,
@@ -241,7 +241,52 @@ def write_plan(root: Path, args: argparse.Namespace) -> None:
                              "--root")
         plan["seeds"] = sorted({*old.get("seeds", []), *args.seeds})
     atomic_write_json(path, plan)
-    (root / "pretrain.yaml").write_text("keep_checkpoints: 1000\n")  # every checkpoint is a point of the curve
+    keep = root / "pretrain.yaml"
+    if not keep.is_file():  # written once: a --jobs child must not rewrite it under a running pre-training
+        atomic_write_text(keep, "keep_checkpoints: 1000\n")  # every checkpoint is a point of the curve
+
+
+def later_stages(root: Path, args: argparse.Namespace, spe: int, steps: int) -> list[tuple[str, list[str], dict]]:
+    """The stages after `pretrain-long`, longest first: the S2D pre-training, the fine-tunes, then the QAT runs
+    (last, so the folders of a run started before the QAT arms existed are reached after everything it planned).
+    Each needs only `pretrain-long` and selection.json, so they may run side by side (--jobs)."""
+    option = select_tau(root)["reg_option"]
+    s2d = [*S2D, "--reg-option", option]
+    out = [("pretrain-long-s2d", pretrain(root, "pretrain-long-s2d", steps, args.lr, args.curve_points, s2d),
+            {"curve": True})]
+    long = str(root / "pretrain-long" / "model")
+    for arms, qat in ((zip(("ft-adamw", "ft-s2d"), (["--reg", "none"], s2d), strict=True), []),
+                      (zip(QAT_ARMS, (["--reg", "none"], s2d), strict=True), qat_args())):
+        arms = list(arms)
+        for seed in args.seeds:  # the pre-training is shared; the seed draws the fine-tune's batches
+            for arm, extra in arms:
+                name = f"{arm}-s{seed}"
+                out.append((name, finetune(long, spe, args.ft_lr, spe // 10, seed, root / name, [*extra, *qat]),
+                            {"qat": bool(qat)}))
+    return out
+
+
+def run_parallel(root: Path, plan: list[tuple[str, list[str], dict]], jobs: int) -> None:
+    """Each stage in its own `--stage NAME` process of this script, `jobs` at a time, in plan order; every child
+    trains (one thread each, as OMP_NUM_THREADS says) and measures its own folder, so no two write the same file.
+    A failed stage stops no other; the first failure is raised once all have ended."""
+    import os
+    import subprocess
+    from concurrent.futures import ThreadPoolExecutor
+
+    base = [sys.executable, str(Path(__file__).resolve()), *sys.argv[1:]]
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+
+    def child(name: str) -> int:
+        with (root / "log.txt").open("a") as log:
+            print(f"  {name}: started", flush=True)
+            return subprocess.run([*base, "--stage", name], stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        codes = dict(zip([n for n, _, _ in plan], pool.map(child, [n for n, _, _ in plan]), strict=True))
+    failed = [n for n, c in codes.items() if c != 0]
+    if failed:
+        raise SystemExit(f"stages failed: {', '.join(failed)} (see {root / 'log.txt'}); rerun to resume them")
 
 
 def main() -> None:
@@ -257,6 +302,9 @@ def main() -> None:
     ap.add_argument("--n-test", type=int, default=10000, help="test images for accuracy (all 10,000 by default)")
     ap.add_argument("--table", action="store_true", help="only read the run folders and print the table")
     ap.add_argument("--smoke", action="store_true", help="every stage at a tiny size, to check the pipeline")
+    ap.add_argument("--jobs", type=int, default=1, help="stages after pretrain-long run this many at a time, each in "
+                    "its own process (give each a core: OMP_NUM_THREADS=1)")
+    ap.add_argument("--stage", default=None, help=argparse.SUPPRESS)  # one stage, for --jobs' child processes
     args = ap.parse_args()
     if args.smoke:
         args.epochs, args.steps_per_epoch, args.curve_points, args.n_test = 4, 6, 4, 200
@@ -264,26 +312,21 @@ def main() -> None:
     root.mkdir(parents=True, exist_ok=True)
     if not args.table:
         write_plan(root, args)
-        data = Data(args.n_test)
         spe, steps = args.steps_per_epoch, args.steps_per_epoch * args.epochs
-        stage(root, "pretrain-long", pretrain(root, "pretrain-long", steps, args.lr, args.curve_points,
-                                              ["--reg", "none"]), data, curve=True)
-        option = select_tau(root)["reg_option"]
-        s2d = [*S2D, "--reg-option", option]
-        stage(root, "pretrain-long-s2d", pretrain(root, "pretrain-long-s2d", steps, args.lr, args.curve_points, s2d),
-              data, curve=True)
-        for seed in args.seeds:  # the pre-training is shared; the seed draws the fine-tune's batches
-            for arm, extra in (("ft-adamw", ["--reg", "none"]), ("ft-s2d", s2d)):
-                name = f"{arm}-s{seed}"
-                stage(root, name, finetune(str(root / "pretrain-long" / "model"), spe, args.ft_lr, spe // 10, seed,
-                                           root / name, extra), data)
-        # Last, so the folders of a run started before the QAT arms existed are untouched and a resume reaches them
-        # after everything it had planned.
-        for seed in args.seeds:
-            for arm, extra in zip(QAT_ARMS, (["--reg", "none"], s2d), strict=True):
-                name = f"{arm}-s{seed}"
-                stage(root, name, finetune(str(root / "pretrain-long" / "model"), spe, args.ft_lr, spe // 10, seed,
-                                           root / name, [*extra, *qat_args()]), data, qat=True)
+        data = Data(args.n_test)
+        if args.stage is None:
+            stage(root, "pretrain-long", pretrain(root, "pretrain-long", steps, args.lr, args.curve_points,
+                                                  ["--reg", "none"]), data, curve=True)
+        plan = later_stages(root, args, spe, steps)
+        if args.stage is not None:
+            name, cmd, kind = next(s for s in plan if s[0] == args.stage)
+            stage(root, name, cmd, data, **kind)
+            return
+        if args.jobs == 1:
+            for name, cmd, kind in plan:
+                stage(root, name, cmd, data, **kind)
+        else:
+            run_parallel(root, plan, args.jobs)
     print(report(root))
     path = figure(root, root / "figures" / "vit-static-curve.png")
     if path is not None:
