@@ -103,3 +103,26 @@ def test_measure_model_measures_only_the_cells_a_ptq_json_lacks(tmp_path, monkey
     assert after["seconds"] == 15.0
     exp.measure_model(folder, data=None)  # complete now: nothing loaded, nothing measured
     assert len(loads) == 1 and len(asked) == 1
+
+
+def test_later_stages_are_the_s2d_pretraining_then_fine_tunes_then_qat_each_once(tmp_path, monkeypatch):
+    import argparse
+    import importlib
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
+    exp = importlib.import_module("exp_vit_static")
+    monkeypatch.setattr(exp, "select_tau", lambda root: {"reg_option": "tau=0.9"})
+    args = argparse.Namespace(seeds=[0, 1], lr=2e-3, ft_lr=3e-4, curve_points=4)
+    plan = exp.later_stages(tmp_path, args, spe=10, steps=40)
+    names = [n for n, _, _ in plan]
+    assert names == ["pretrain-long-s2d", "ft-adamw-s0", "ft-s2d-s0", "ft-adamw-s1", "ft-s2d-s1",
+                     "qat-adamw-s0", "qat-s2d-s0", "qat-adamw-s1", "qat-s2d-s1"]
+    kinds = dict((n, k) for n, _, k in plan)
+    assert kinds["pretrain-long-s2d"] == {"curve": True} and kinds["qat-s2d-s1"] == {"qat": True}
+    assert kinds["ft-adamw-s0"] == {"qat": False}
+    cmds = {n: c for n, c, _ in plan}
+    assert all(cmds[n][cmds[n].index("--out") + 1] == str(tmp_path / n) for n in names)  # each its own folder
+    assert "tau=0.9" in cmds["ft-s2d-s1"] and "tau=0.9" in cmds["qat-s2d-s0"] and "tau=0.9" not in cmds["ft-adamw-s0"]
+    assert "--qat" in cmds["qat-adamw-s1"] and "--qat" not in cmds["ft-s2d-s0"]
+    assert cmds["pretrain-long-s2d"][cmds["pretrain-long-s2d"].index("--steps") + 1] == "40"
