@@ -96,11 +96,13 @@ def test_float32_agrees_with_float64_on_a_smollm2_sized_layer(n_out, n_in):
     # Nearly every code agrees (99.94% and 99.79% here). Where a row differs, its first difference is at a value
     # within float32's accumulated error (< 1e-4 of a step) of a rounding boundary; the two then push different
     # errors along the rest of that row, so a few rows (0.4% and 2.4%) differ in a run of later columns, with
-    # codes one or two steps apart, while every other row is identical.
+    # codes a few steps apart, while every other row is identical. How far a diverged row drifts depends on the
+    # BLAS's summation order (threads, load): 2 steps on one run, 3 on a loaded CI machine, so the bound is 4 of
+    # the 16 steps; the output-error check below is the one that says the float32 solve is as good.
     differ = q32 != q64
     assert differ.float().mean() < 0.01
     assert differ.any(dim=1).float().mean() < 0.1
-    assert (q32.int() - q64.int()).abs().max() <= 2
+    assert (q32.int() - q64.int()).abs().max() <= 4
     e32, e64 = _out_err(x, w, q32, scale, zero, spec), _out_err(x, w, q64, scale, zero, spec)
     assert abs(e32 - e64) < 0.005 * e64, (e32, e64)
 
