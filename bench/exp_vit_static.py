@@ -315,7 +315,8 @@ def main() -> None:
     root = args.root or Path("runs/exp-vit-static-smoke" if args.smoke else "runs/exp-vit-static")
     root.mkdir(parents=True, exist_ok=True)
     if not args.table:
-        write_plan(root, args)
+        if args.stage is None:  # a --jobs child's command line is its parent's plus --stage: not the run's
+            write_plan(root, args)
         spe, steps = args.steps_per_epoch, args.steps_per_epoch * args.epochs
         data = Data(args.n_test)
         if args.stage is None:
