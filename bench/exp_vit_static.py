@@ -64,6 +64,7 @@ from s2d.experiments.vit_static import CALIB, CELLS, CURVE_CELLS, QAT_ARMS, figu
 
 MODEL = "scratch:vit-fmnist-deep"
 # What a resumed root must share with the run that started it (the rest, seeds and test images, may change).
+BUSY = 3  # a --stage child's exit code when another process holds its stage
 FIXED = ("model", "steps_per_epoch", "epochs", "lr", "ft_lr", "curve_points", "calib")
 
 
@@ -214,17 +215,31 @@ def measure_curve(folder: Path, data: Data) -> None:
         atomic_write_json(path, done)
 
 
-def stage(root: Path, name: str, cmd: list[str], data: Data, curve: bool = False, qat: bool = False) -> None:
+def stage(root: Path, name: str, cmd: list[str], data: Data, curve: bool = False, qat: bool = False) -> bool:
+    """Train (unless finished) and measure one stage; False, doing nothing, if another process holds it."""
+    import fcntl
+
     t0 = time.perf_counter()
-    if not (root / name / "metrics.json").is_file():
-        run(cmd, root / "log.txt")
-    if curve:
-        measure_curve(root / name, data)
-    if qat:
-        measure_qat(root / name, data)
-    else:
-        measure_model(root / name, data)
+    (root / ".locks").mkdir(exist_ok=True)
+    # An advisory lock per stage, released by the OS when its holder dies: two invocations on one root (a --jobs
+    # run beside a --stage one) never train or measure the same folder at once, and a killed run leaves no claim.
+    with (root / ".locks" / name).open("w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"  {name}: running in another process; skipped here (rerun to pick it up if that one stops)",
+                  flush=True)
+            return False
+        if not (root / name / "metrics.json").is_file():
+            run(cmd, root / "log.txt")
+        if curve:
+            measure_curve(root / name, data)
+        if qat:
+            measure_qat(root / name, data)
+        else:
+            measure_model(root / name, data)
     print(f"  {name}: done in {time.perf_counter() - t0:.0f} s", flush=True)
+    return True
 
 
 def write_plan(root: Path, args: argparse.Namespace) -> None:
@@ -288,7 +303,10 @@ def run_parallel(root: Path, plan: list[tuple[str, list[str], dict]], jobs: int)
 
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         codes = dict(zip([n for n, _, _ in plan], pool.map(child, [n for n, _, _ in plan]), strict=True))
-    failed = [n for n, c in codes.items() if c != 0]
+    busy = [n for n, c in codes.items() if c == BUSY]
+    if busy:
+        print(f"  left to the process running them: {', '.join(busy)}", flush=True)
+    failed = [n for n, c in codes.items() if c not in (0, BUSY)]
     if failed:
         raise SystemExit(f"stages failed: {', '.join(failed)} (see {root / 'log.txt'}); rerun to resume them")
 
@@ -325,7 +343,8 @@ def main() -> None:
         plan = later_stages(root, args, spe, steps)
         if args.stage is not None:
             name, cmd, kind = next(s for s in plan if s[0] == args.stage)
-            stage(root, name, cmd, data, **kind)
+            if not stage(root, name, cmd, data, **kind):
+                raise SystemExit(BUSY)
             return
         if args.jobs == 1:
             for name, cmd, kind in plan:

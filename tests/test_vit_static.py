@@ -126,3 +126,34 @@ def test_later_stages_are_the_s2d_pretraining_then_fine_tunes_then_qat_each_once
     assert "tau=0.9" in cmds["ft-s2d-s1"] and "tau=0.9" in cmds["qat-s2d-s0"] and "tau=0.9" not in cmds["ft-adamw-s0"]
     assert "--qat" in cmds["qat-adamw-s1"] and "--qat" not in cmds["ft-s2d-s0"]
     assert cmds["pretrain-long-s2d"][cmds["pretrain-long-s2d"].index("--steps") + 1] == "40"
+
+
+def test_a_stage_held_by_another_process_is_skipped_and_runs_once_free(tmp_path, monkeypatch):
+    import fcntl
+    import importlib
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
+    exp = importlib.import_module("exp_vit_static")
+    ran = []
+    monkeypatch.setattr(exp, "run", lambda cmd, log: ran.append(cmd))
+    monkeypatch.setattr(exp, "measure_model", lambda folder, data: ran.append("measured"))
+    (tmp_path / ".locks").mkdir()
+    # The holder is another process, as in a --jobs run beside a --stage one (flock is per open file).
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time\n"
+                               f"f = open({str(tmp_path / '.locks' / 'ft-adamw-s0')!r}, 'w')\n"
+                               "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert exp.stage(tmp_path, "ft-adamw-s0", ["train"], data=None) is False
+        assert ran == []
+    finally:
+        holder.kill()
+        holder.wait()
+    assert exp.stage(tmp_path, "ft-adamw-s0", ["train"], data=None) is True  # the dead holder's lock is gone
+    assert ran == [["train"], "measured"]
+    with (tmp_path / ".locks" / "ft-adamw-s0").open("w") as f:  # and this process released its own
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
