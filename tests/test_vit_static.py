@@ -157,3 +157,16 @@ def test_a_stage_held_by_another_process_is_skipped_and_runs_once_free(tmp_path,
     assert ran == [["train"], "measured"]
     with (tmp_path / ".locks" / "ft-adamw-s0").open("w") as f:  # and this process released its own
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def test_reading_says_why_when_no_static_cell_costs_enough(tmp_path):
+    for seed in range(3):
+        base = {c: 0.80 for c in vit_static.CELLS} | {"W4A4 static": 0.79 - 0.001 * seed}
+        _write(tmp_path, f"ft-adamw-s{seed}", base)
+        _write(tmp_path, f"ft-s2d-s{seed}", base | {"W4A4 static": 0.795 - 0.0001 * seed})
+    _write(tmp_path, "pretrain-long", {"FP": 0.8, "max_abs": {"residual": 100.0, "linear_input": 12.5,
+                                                               "by_role": {"fc2": 12.5, "q": 4.0}}})
+    text = " ".join(vit_static.reading(tmp_path))
+    assert "not testable here" in text and "largest gap 1.10, W4A4 static" in text
+    assert "residual stream (max |x| 100)" in text and "fc2 12.5, q 4" in text and "about 8× smaller" in text
+    assert "beyond the 95% interval at W4A4 static" in text and "13 quantized cells are compared" in text
