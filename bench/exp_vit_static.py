@@ -40,16 +40,18 @@ The table, the plain-words answer and the figure are s2d.experiments.vit_static'
 Usage: python bench/exp_vit_static.py [--root runs/exp-vit-static] [--epochs 30] [--lr 2e-3] [--seeds 0 1 2]
            [--n-test 10000] [--jobs 1] [--table] [--smoke]
        --smoke runs every stage at a tiny size (runs/exp-vit-static-smoke) to check the pipeline in minutes.
-Cost on one core per process: ~0.5 s per pre-training step (AdamW or S2D), ~0.8 s per QAT step, ~30 s per
-measured cell on 5,000 test images. The full default run is ~8 h on one core; docs/results.md's run is
+Cost on one core per process: ~0.5 s per pre-training step (AdamW or S2D), ~0.8 s per QAT step, ~7 s per
+measured cell on 5,000 test images (a ptq.json's 14 cells: ~110 s). The full default run is ~8 h on one core;
+docs/results.md's run is
 `OMP_NUM_THREADS=1 python bench/exp_vit_static.py --epochs 10 --n-test 5000 --curve-points 6 --jobs 2`, which
-fits in about 2 h on two cores (the first pre-training alone, then the rest two at a time).
+took about 1 h 45 min on two cores (the first pre-training alone, then the rest two at a time).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import fcntl
 import json
 import math
 import sys
@@ -60,7 +62,7 @@ import torch
 from exp_vit import BATCH, PRETRAIN_SEED, finetune, run, select_tau
 
 from s2d.experiments.vit import S2D
-from s2d.experiments.vit_static import CALIB, CELLS, CURVE_CELLS, QAT_ARMS, figure, qat_args, quant_config, report
+from s2d.experiments.vit_static import ARMS, CALIB, CELLS, CURVE_CELLS, QAT_ARMS, figure, qat_args, quant_config, report
 
 MODEL = "scratch:vit-fmnist-deep"
 # What a resumed root must share with the run that started it (the rest, seeds and test images, may change).
@@ -217,8 +219,6 @@ def measure_curve(folder: Path, data: Data) -> None:
 
 def stage(root: Path, name: str, cmd: list[str], data: Data, curve: bool = False, qat: bool = False) -> bool:
     """Train (unless finished) and measure one stage; False, doing nothing, if another process holds it."""
-    import fcntl
-
     t0 = time.perf_counter()
     (root / ".locks").mkdir(exist_ok=True)
     # An advisory lock per stage, released by the OS when its holder dies: two invocations on one root (a --jobs
@@ -274,11 +274,9 @@ def later_stages(root: Path, args: argparse.Namespace, spe: int, steps: int) -> 
     out = [("pretrain-long-s2d", pretrain(root, "pretrain-long-s2d", steps, args.lr, args.curve_points, s2d),
             {"curve": True})]
     long = str(root / "pretrain-long" / "model")
-    for arms, qat in ((zip(("ft-adamw", "ft-s2d"), (["--reg", "none"], s2d), strict=True), []),
-                      (zip(QAT_ARMS, (["--reg", "none"], s2d), strict=True), qat_args())):
-        arms = list(arms)
+    for arms, qat in ((ARMS, []), (QAT_ARMS, qat_args())):
         for seed in args.seeds:  # the pre-training is shared; the seed draws the fine-tune's batches
-            for arm, extra in arms:
+            for arm, extra in zip(arms, (["--reg", "none"], s2d), strict=True):
                 name = f"{arm}-s{seed}"
                 out.append((name, finetune(long, spe, args.ft_lr, spe // 10, seed, root / name, [*extra, *qat]),
                             {"qat": bool(qat)}))
@@ -301,8 +299,9 @@ def run_parallel(root: Path, plan: list[tuple[str, list[str], dict]], jobs: int)
             print(f"  {name}: started", flush=True)
             return subprocess.run([*base, "--stage", name], stdout=log, stderr=subprocess.STDOUT, env=env).returncode
 
+    names = [name for name, _, _ in plan]
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        codes = dict(zip([n for n, _, _ in plan], pool.map(child, [n for n, _, _ in plan]), strict=True))
+        codes = dict(zip(names, pool.map(child, names), strict=True))
     busy = [n for n, c in codes.items() if c == BUSY]
     if busy:
         print(f"  left to the process running them: {', '.join(busy)}", flush=True)

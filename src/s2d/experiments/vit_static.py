@@ -293,9 +293,9 @@ def _why_small(root: Path) -> str:
     """Where pretrain-long's outliers sit: in the residual stream, which no quantizer sees, or in the Linears'
     inputs, whose per-tensor static step they set."""
     p = _json(root / "pretrain-long" / "ptq.json")
-    if p is None or "by_role" not in p["max_abs"]:
-        return ""
-    m = p["max_abs"]
+    m = None if p is None else p["max_abs"]
+    if m is None or "by_role" not in m or m["residual"] <= m["linear_input"]:
+        return ""  # no record, or the outliers do reach the Linears: nothing this sentence could say
     roles = ", ".join(f"{r} {v:.3g}" for r, v in sorted(m["by_role"].items(), key=lambda rv: -rv[1]))
     return (f" Why: pretrain-long's outliers stay in the residual stream (max |x| {m['residual']:.3g}), which no "
             f"quantizer sees; every quantized Linear reads a normalized or activated input whose max |x| is "
