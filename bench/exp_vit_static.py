@@ -9,9 +9,12 @@ change of data: depth (`scratch:vit-fmnist-deep`, 12 blocks instead of 6 at the 
 appear after the first blocks and grow with depth, Sun et al. 2024), a 2× higher peak learning rate (2e-3; outlier
 features grow with the learning rate, He et al. 2024), and a longer schedule (30 epochs instead of 20; outliers grow
 with training, Bondarenko et al. 2023, whose ViT outliers sit on no-op attention to background patches, which
-Fashion-MNIST's blank borders supply), with no weight decay (decay holds weights, and so outliers, down). Width was
-not raised: it costs as much as depth and is not what these papers find outliers grow with. The 16-token patching is
-kept, so a step costs about 2× the 6-block model's.
+Fashion-MNIST's blank borders supply), with no weight decay (decay holds weights, and so outliers, down). The
+16-token patching is kept, so a step costs about 2× the 6-block model's. Width is the lever this run then showed to
+matter: its residual outliers (max |x| ~100) never reached the quantized Linears (≤ 12.7), because a LayerNorm's
+output is at most sqrt(d-1)·max|gain| + max|bias| whatever its input (norm_caps, recorded with every max |x|);
+`--model scratch:vit-fmnist-wide` (d=256) lifts that cap, and `--pretrain-only` measures a pre-training before the
+arms are spent on it (s2d.experiments.vit_width reads it).
 
 Stages (each writes its own folder under --root; a folder with metrics.json is not trained again and one with
 ptq.json / curve.json is not measured again, except that ptq.json gains the cells it lacks; `s2d finetune --resume`
@@ -38,7 +41,7 @@ continues from the last checkpoint):
 The table, the plain-words answer and the figure are s2d.experiments.vit_static's, read from the run folders.
 
 Usage: python bench/exp_vit_static.py [--root runs/exp-vit-static] [--epochs 30] [--lr 2e-3] [--seeds 0 1 2]
-           [--n-test 10000] [--jobs 1] [--table] [--smoke]
+           [--n-test 10000] [--jobs 1] [--model scratch:vit-fmnist-deep] [--pretrain-only] [--table] [--smoke]
        --smoke runs every stage at a tiny size (runs/exp-vit-static-smoke) to check the pipeline in minutes.
 Cost on one core per process: ~0.5 s per pre-training step (AdamW or S2D), ~0.8 s per QAT step, ~7 s per
 measured cell on 5,000 test images (a ptq.json's 14 cells: ~110 s). The full default run is ~8 h on one core;
@@ -61,18 +64,19 @@ from pathlib import Path
 import torch
 from exp_vit import BATCH, PRETRAIN_SEED, finetune, run, select_tau
 
+from s2d.assets.tiny import SCRATCH_MODELS
 from s2d.experiments.vit import S2D
 from s2d.experiments.vit_static import ARMS, CALIB, CELLS, CURVE_CELLS, QAT_ARMS, figure, qat_args, quant_config, report
 
-MODEL = "scratch:vit-fmnist-deep"
+MODEL = "scratch:vit-fmnist-deep"  # --model scratch:vit-fmnist-wide is the width lever (d=256)
 # What a resumed root must share with the run that started it (the rest, seeds and test images, may change).
 BUSY = 3  # a --stage child's exit code when another process holds its stage
 FIXED = ("model", "steps_per_epoch", "epochs", "lr", "ft_lr", "curve_points", "calib")
 
 
-def pretrain(root: Path, name: str, steps: int, lr: float, points: int, extra: list[str]) -> list[str]:
+def pretrain(root: Path, name: str, model: str, steps: int, lr: float, points: int, extra: list[str]) -> list[str]:
     every = math.ceil(steps / points)
-    return ["s2d", "finetune", MODEL, "--task", "image", "--image-data", "fashion-mnist", "--steps", str(steps),
+    return ["s2d", "finetune", model, "--task", "image", "--image-data", "fashion-mnist", "--steps", str(steps),
             "--batch-size", str(BATCH), "--lr", str(lr), "--weight-decay", "0", "--warmup", str(min(200, steps // 4)),
             "--seed", str(PRETRAIN_SEED), "--eval-every", "0", "--checkpoint-every", str(every),
             "--config", str(root / "pretrain.yaml"), *extra, "--resume", "--out", str(root / name)]
@@ -122,7 +126,29 @@ def activation_maxima(model, pixels: torch.Tensor) -> dict:
     finally:
         for h in handles:
             h.remove()
-    return {"residual": residual[0], "linear_input": max(inputs.values()), "by_role": inputs}
+    return {"residual": residual[0], "linear_input": max(inputs.values()), "by_role": inputs,
+            "norm_cap": norm_caps(desc)}
+
+
+def norm_caps(desc) -> dict[str, float]:
+    """Per kind of pre-norm (attn_in, mlp_in), the largest output any input can give, over the blocks.
+
+    A LayerNorm's output before its affine has mean 0 and sum of squares at most d, so no element exceeds sqrt(d-1)
+    (one element a, the rest -a/(d-1) each, attains it): however large a residual outlier, the Linear after the norm
+    sees at most sqrt(d-1) * max|gain| + max|bias|. Only torch's LayerNorm is read (the ViT's norm); others are left
+    out rather than guessed.
+    """
+    caps: dict[str, float] = {}
+    for block in desc.blocks:
+        for name, kind in block.norms.items():
+            norm = desc.module(name)
+            if not isinstance(norm, torch.nn.LayerNorm) or norm.weight is None:
+                continue
+            d = norm.weight.numel()
+            bias = 0.0 if norm.bias is None else float(norm.bias.abs().max())
+            cap = math.sqrt(d - 1) * float(norm.weight.abs().max()) + bias
+            caps[kind] = max(caps.get(kind, 0.0), cap)
+    return caps
 
 
 @torch.no_grad()
@@ -247,7 +273,7 @@ def write_plan(root: Path, args: argparse.Namespace) -> None:
     from s2d.io import atomic_write_json, atomic_write_text
 
     plan = {"command": " ".join(["python", "bench/exp_vit_static.py", *sys.argv[1:]]), "smoke": args.smoke,
-            "model": MODEL, "steps_per_epoch": args.steps_per_epoch, "epochs": args.epochs, "lr": args.lr,
+            "model": args.model, "steps_per_epoch": args.steps_per_epoch, "epochs": args.epochs, "lr": args.lr,
             "ft_lr": args.ft_lr, "curve_points": args.curve_points, "calib": CALIB, "seeds": args.seeds,
             "n_test": args.n_test, "train_images": len(load_fashion_mnist("train")[1])}
     path = root / "plan.json"
@@ -271,8 +297,8 @@ def later_stages(root: Path, args: argparse.Namespace, spe: int, steps: int) -> 
     Each needs only `pretrain-long` and selection.json, so they may run side by side (--jobs)."""
     option = select_tau(root)["reg_option"]
     s2d = [*S2D, "--reg-option", option]
-    out = [("pretrain-long-s2d", pretrain(root, "pretrain-long-s2d", steps, args.lr, args.curve_points, s2d),
-            {"curve": True})]
+    out = [("pretrain-long-s2d", pretrain(root, "pretrain-long-s2d", args.model, steps, args.lr, args.curve_points,
+                                          s2d), {"curve": True})]
     long = str(root / "pretrain-long" / "model")
     for arms, qat in ((ARMS, []), (QAT_ARMS, qat_args())):
         for seed in args.seeds:  # the pre-training is shared; the seed draws the fine-tune's batches
@@ -325,6 +351,10 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="every stage at a tiny size, to check the pipeline")
     ap.add_argument("--jobs", type=int, default=1, help="stages after pretrain-long run this many at a time, each in "
                     "its own process (give each a core: OMP_NUM_THREADS=1)")
+    ap.add_argument("--model", default=MODEL, choices=[f"scratch:{m}" for m in SCRATCH_MODELS if m != "vit-fmnist"],
+                    help="the scratch ViT pre-trained (vit-fmnist-wide: d=256, the width lever)")
+    ap.add_argument("--pretrain-only", action="store_true", help="stop after pretrain-long and its measurements "
+                    "(a probe of whether a pre-training's outliers cost static PTQ, before the arms are run on it)")
     ap.add_argument("--stage", default=None, help=argparse.SUPPRESS)  # one stage, for --jobs' child processes
     args = ap.parse_args()
     if args.smoke:
@@ -337,8 +367,11 @@ def main() -> None:
         spe, steps = args.steps_per_epoch, args.steps_per_epoch * args.epochs
         data = Data(args.n_test)
         if args.stage is None:
-            stage(root, "pretrain-long", pretrain(root, "pretrain-long", steps, args.lr, args.curve_points,
-                                                  ["--reg", "none"]), data, curve=True)
+            stage(root, "pretrain-long", pretrain(root, "pretrain-long", args.model, steps, args.lr,
+                                                  args.curve_points, ["--reg", "none"]), data, curve=True)
+        if args.pretrain_only and args.stage is None:
+            print(report(root))
+            return
         plan = later_stages(root, args, spe, steps)
         if args.stage is not None:
             name, cmd, kind = next(s for s in plan if s[0] == args.stage)

@@ -113,7 +113,7 @@ def test_later_stages_are_the_s2d_pretraining_then_fine_tunes_then_qat_each_once
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
     exp = importlib.import_module("exp_vit_static")
     monkeypatch.setattr(exp, "select_tau", lambda root: {"reg_option": "tau=0.9"})
-    args = argparse.Namespace(seeds=[0, 1], lr=2e-3, ft_lr=3e-4, curve_points=4)
+    args = argparse.Namespace(seeds=[0, 1], lr=2e-3, ft_lr=3e-4, curve_points=4, model=exp.MODEL)
     plan = exp.later_stages(tmp_path, args, spe=10, steps=40)
     names = [n for n, _, _ in plan]
     assert names == ["pretrain-long-s2d", "ft-adamw-s0", "ft-s2d-s0", "ft-adamw-s1", "ft-s2d-s1",
@@ -165,8 +165,52 @@ def test_reading_says_why_when_no_static_cell_costs_enough(tmp_path):
         _write(tmp_path, f"ft-adamw-s{seed}", base)
         _write(tmp_path, f"ft-s2d-s{seed}", base | {"W4A4 static": 0.795 - 0.0001 * seed})
     _write(tmp_path, "pretrain-long", {"FP": 0.8, "max_abs": {"residual": 100.0, "linear_input": 12.5,
-                                                               "by_role": {"fc2": 12.5, "q": 4.0}}})
+                                                               "by_role": {"fc2": 12.5, "q": 4.0},
+                                                               "norm_cap": {"attn_in": 11.3, "mlp_in": 12.04}}})
     text = " ".join(vit_static.reading(tmp_path))
+    assert "by norm: attn_in 11.3, mlp_in 12" in text
     assert "not testable here" in text and "largest gap 1.10, W4A4 static" in text
     assert "residual stream (max |x| 100)" in text and "fc2 12.5, q 4" in text and "about 8× smaller" in text
     assert "beyond the 95% interval at W4A4 static" in text and "13 quantized cells are compared" in text
+
+
+def test_norm_caps_bound_every_layernorm_output_and_are_attained(monkeypatch):
+    """The cap sqrt(d-1)*max|gain| + max|bias| against LayerNorm itself: never exceeded, even by a residual outlier
+    of 1e4, and reached by the extremal input (one element a, the rest -a/(d-1))."""
+    import importlib
+    from pathlib import Path
+
+    import torch
+
+    from s2d.arch import describe
+    from s2d.assets.tiny import tiny_model
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
+    exp = importlib.import_module("exp_vit_static")
+    model, _ = tiny_model("vit")
+    desc = describe(model)
+    gen = torch.Generator().manual_seed(0)
+    for block in desc.blocks:
+        for name in block.norms:
+            norm = desc.module(name)
+            with torch.no_grad():
+                norm.weight.copy_(torch.randn(norm.weight.shape, generator=gen))
+                norm.bias.copy_(0.1 * torch.randn(norm.bias.shape, generator=gen))
+    caps = exp.norm_caps(desc)
+    assert set(caps) == {"attn_in", "mlp_in"}
+    d = model.config.hidden_size
+    x = torch.randn(64, d, generator=gen)
+    x[:, 3] += 1e4  # a massive residual activation in one channel
+    with torch.no_grad():
+        seen = {kind: 0.0 for kind in caps}
+        for block in desc.blocks:
+            for name, kind in block.norms.items():
+                norm = desc.module(name)
+                seen[kind] = max(seen[kind], float(norm(x).abs().max()))
+                i = int(norm.weight.abs().argmax())
+                extremal = torch.full((d,), -1.0 / (d - 1))
+                extremal[i] = 1.0
+                hit = float((norm(1e3 * extremal)[i] - norm.bias[i]).abs())
+                assert hit == pytest.approx((d - 1) ** 0.5 * float(norm.weight.abs().max()), rel=1e-4)
+    for kind, cap in caps.items():
+        assert seen[kind] <= cap + 1e-4

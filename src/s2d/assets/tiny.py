@@ -42,13 +42,18 @@ def _scratch_configs():
 
     # A small ViT for pre-training on Fashion-MNIST here: 16 patches of 7x7, d=128, 6 blocks (~1.2M parameters).
     # vit-fmnist-deep doubles the depth (12 blocks, ~2.4M): outliers grow with depth (bench/exp_vit_static.py).
+    # vit-fmnist-wide also doubles the width (d=256, ~9.5M): a LayerNorm's output is capped at sqrt(d-1) times its
+    # gain, so at d=128 no residual outlier reaches a Linear larger than ~11x gain; width lifts that cap.
     shape = dict(hidden_size=128, intermediate_size=512, num_attention_heads=4, image_size=28, patch_size=7,
                  num_channels=1, num_labels=10)
     return {"vit-fmnist": ("ViTForImageClassification", ViTConfig(**shape, num_hidden_layers=6)),
-            "vit-fmnist-deep": ("ViTForImageClassification", ViTConfig(**shape, num_hidden_layers=12))}
+            "vit-fmnist-deep": ("ViTForImageClassification", ViTConfig(**shape, num_hidden_layers=12)),
+            "vit-fmnist-wide": ("ViTForImageClassification", ViTConfig(**{**shape, "hidden_size": 256,
+                                                                           "intermediate_size": 1024},
+                                                                        num_hidden_layers=12))}
 
 
-SCRATCH_MODELS = ("vit-fmnist", "vit-fmnist-deep")
+SCRATCH_MODELS = ("vit-fmnist", "vit-fmnist-deep", "vit-fmnist-wide")
 
 
 def scratch_model(name: str, *, dtype: torch.dtype = torch.float32, seed: int = TINY_SEED):

@@ -22,6 +22,7 @@ from s2d.experiments import lowrank_grid, smollm2, vit, vit_static
 from s2d.experiments import minilm as minilm_exp
 from s2d.experiments.record import MissingSetting, Said, count, hyper, run_config, shared
 from s2d.experiments.smollm2_per_tensor import smollm2_per_tensor
+from s2d.experiments.vit_width import vision_width
 from s2d.report.markdown import fmt, md_table
 
 # The published S2D results (SigLIP2-B, ImageNet-1k top-1, GPUs), quoted from SPEC §2 as the reference the
@@ -765,7 +766,7 @@ def vision_static(r: Results) -> None:
 
 SECTIONS = (evaluation, diagnose, diagnose_speed, quantization, quant_speed, w4a4_ladder, mixed_precision, encoder_w4a4,
             training, selection, experiments, experiments_levers, experiments_steps, smollm2_per_tensor, vision,
-            vision_static, minilm, lowrank, inference_speed, lowrank_search, bias_lowrank, bias_speed)
+            vision_static, vision_width, minilm, lowrank, inference_speed, lowrank_search, bias_lowrank, bias_speed)
 MARK = "<!-- section:{} -->"
 
 

@@ -300,7 +300,18 @@ def _why_small(root: Path) -> str:
     return (f" Why: pretrain-long's outliers stay in the residual stream (max |x| {m['residual']:.3g}), which no "
             f"quantizer sees; every quantized Linear reads a normalized or activated input whose max |x| is "
             f"{m['linear_input']:.3g} at most (by role: {roles}), about {m['residual'] / m['linear_input']:.0f}× "
-            "smaller, so the per-tensor static step stays fine even at 4 bits.")
+            "smaller, so the per-tensor static step stays fine even at 4 bits." + _cap_words(m))
+
+
+def _cap_words(m: dict) -> str:
+    """The LayerNorm cap (bench/exp_vit_static.py's norm_caps) as a sentence, if the record has it."""
+    caps = m.get("norm_cap") or {}
+    if not caps:
+        return ""
+    said = ", ".join(f"{kind} {cap:.3g}" for kind, cap in sorted(caps.items()))
+    return (f" A LayerNorm's output is at most √(d−1)·max|gain| + max|bias| whatever its input (by norm: {said}), so "
+            "the residual's outliers cannot reach q, k, v or fc1 at their size; only a wider model (a larger d) or "
+            "larger gains lift that cap.")
 
 
 def _qat_reading(s: dict) -> list[str]:
