@@ -195,6 +195,20 @@ def test_checkpoint_names_are_renamed_by_transformers_rules_and_conversions_refu
         model_names(dinov2, ["encoder.layer.0.mlp.weights_in.weight"])  # one tensor split in two: a converter
 
 
+def test_a_transformers_without_the_renaming_internals_gets_a_clear_error(monkeypatch):
+    import transformers.core_model_loading as core
+
+    from s2d.lowrank.names import checkpoint_state, model_names
+
+    llama, _ = load_model("tiny:llama")
+    monkeypatch.delattr(core, "rename_source_key")  # as a release that moved it would have it
+    with pytest.raises(S2DError, match=r"has no core_model_loading\.rename_source_key.*compress it in memory"):
+        model_names(llama, list(llama.state_dict()))
+    monkeypatch.delattr(core, "revert_weight_conversion")
+    with pytest.raises(S2DError, match=r"revert_weight_conversion.*pip install"):
+        checkpoint_state(llama, llama.state_dict())
+
+
 def test_compress_from_disk_frees_each_block_it_has_written(tmp_path, monkeypatch):
     """Peak memory follows one block: once block i is written, no block Linear holds real weights (the
     replaced dense Linears included, which the model description still references)."""

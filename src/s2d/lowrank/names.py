@@ -13,14 +13,36 @@ from torch import nn
 from s2d.errors import S2DError
 
 
+def _internals(*names: str) -> list:
+    """transformers' renaming helpers by name. They are internals (5.x's core_model_loading and conversion_mapping,
+    no public API does this); a release without them gets a clear error, not an AttributeError deep in a run."""
+    import importlib
+
+    import transformers
+
+    found = []
+    for name in names:
+        module, attr = name.rsplit(".", 1)
+        try:
+            found.append(getattr(importlib.import_module(f"transformers.{module}"), attr))
+        except (ImportError, AttributeError) as err:
+            raise S2DError(f"this transformers ({transformers.__version__}) has no {name}, which s2d uses to read "
+                           "and write folders tensor by tensor; install the release s2d is tested with "
+                           "(pip install 'transformers>=5.24,<6'), or load the dense model (s2d.load_model) and "
+                           "compress it in memory (python: s2d.lowrank.compress)") from err
+    return found
+
+
 def model_names(model: nn.Module, keys) -> dict[str, str]:
     """Model name → checkpoint name for each of the checkpoint's `keys`, renamed as from_pretrained renames them.
 
     A key that needs a tensor operation (a WeightConverter: split, merge, transpose) is refused: the renaming
     alone cannot hand that tensor to the model.
     """
-    from transformers.conversion_mapping import get_model_conversion_mapping
-    from transformers.core_model_loading import WeightConverter, WeightRenaming, dot_natural_key, rename_source_key
+    get_model_conversion_mapping, WeightConverter, WeightRenaming, dot_natural_key, rename_source_key = _internals(
+        "conversion_mapping.get_model_conversion_mapping", "core_model_loading.WeightConverter",
+        "core_model_loading.WeightRenaming", "core_model_loading.dot_natural_key",
+        "core_model_loading.rename_source_key")
 
     transforms = get_model_conversion_mapping(model)
     renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
@@ -45,6 +67,5 @@ def model_names(model: nn.Module, keys) -> dict[str, str]:
 def checkpoint_state(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """`state` (model names) under the names save_pretrained would write for this model, so that a folder
     written part by part holds what the in-memory save writes."""
-    from transformers.core_model_loading import revert_weight_conversion
-
+    (revert_weight_conversion,) = _internals("core_model_loading.revert_weight_conversion")
     return revert_weight_conversion(model, state)
