@@ -43,8 +43,8 @@ TRAIN_FLAGS = ["task", "reg", "qat", "qat_learn_scales", "qat_fixed_act_scales",
                "weight_decay", "batch_size", "grad_accum", "seq_len", "warmup", "seed", "eval_every",
                "checkpoint_every", "image_data", "image_folder"]
 EVAL_FLAGS = ["tasks", "seq_lens", "ppl_tokens", "convention", "bos", "limit", "batch_size", "seed", "image_folder"]
-LOWRANK_FLAGS = ["method", "keep", "schedule", "search", "search_task", "tolerance", "acc_tolerance", "calib",
-                 "n_samples", "seq_len", "seed", "skip_slower", "skip_slower_tokens", "rank_multiple"]
+LOWRANK_FLAGS = ["method", "keep", "schedule", "search", "search_task", "search_images", "tolerance", "acc_tolerance",
+                 "calib", "n_samples", "seq_len", "seed", "skip_slower", "skip_slower_tokens", "rank_multiple"]
 QUANT_FLAGS = ["tasks", "eval_seq_len", "ppl_tokens", "limit", "n_samples", "seq_len", "seed", "avg_bits",
                "high_scheme", "sensitivity_samples", "sensitivity_seq_len", "image_folder"]
 DIAGNOSE_FLAGS = ["data", "image_folder", "n_samples", "seq_len", "batch_size", "seed", "spectra"]

@@ -54,6 +54,10 @@ def _compress_into(run, model_spec: str, config: LowRankConfig, eval_tasks: tupl
             from s2d.commands.search_probe import task_probe
 
             probe = task_probe(model, tokenizer, config)
+        elif config.search == "image":
+            from s2d.commands.search_probe import image_probe
+
+            probe = image_probe(model, config)
         report = compress(model, config, tokenizer=tokenizer, probe=probe)
         if save_model:
             save(model, model_dir, tokenizer, method=config.method, merge=merge)

@@ -1,9 +1,14 @@
-"""The task-accuracy probe of the surgical rank search (SFSD's task variant): eval's scoring, lowrank's walk.
+"""The accuracy probes of the surgical rank search (SFSD's task variant, and its image variant): eval's scoring,
+lowrank's walk.
 
 A fraction (default 20%) of a zero-shot task is the search split, cut into chunks (default 3); the rest is
 the report split, which `EvalConfig(held_out=...)` scores afterwards, so no reported figure saw the search.
 Every option of every search example is tokenized once; s2d.lowrank.search.AccuracyProbe caches each batch's
 block inputs and calls back here to turn logits into accuracy.
+
+The image search scores a vision model's top-1 accuracy on `search_images` train images of the `--calib` set: the
+ones that follow the calibration images in the same seeded order, so the search sees no calibration image and
+no test image (`--eval image:...` scores the test split).
 """
 
 from __future__ import annotations
@@ -47,3 +52,39 @@ def task_probe(model, tokenizer, config: LowRankConfig, batch_size: int = 32) ->
     info = {"variant": "task", "task": config.search_task, "split": f"{config.search_fraction:.0%} search split in "
             f"{config.search_chunks} chunks", "search_examples": len(examples)}
     return AccuracyProbe(describe(model), [ids for _, ids, _ in batches], score, accuracy, config.acc_tolerance, info)
+
+
+def image_probe(model, config: LowRankConfig, batch_size: int = 64) -> AccuracyProbe:
+    """Top-1 accuracy on the image search split, per chunk (image i in chunk i mod search_chunks)."""
+    import torch
+
+    from s2d.assets import IMAGE_SETS, image_split, model_pixels
+
+    desc = describe(model)
+    if desc.kind != "vision":
+        raise S2DError(f"the image search needs a vision model; this is a {desc.kind} model: use --search ppl or task")
+    if config.calib not in IMAGE_SETS:
+        raise S2DError(f"the image search draws its images from --calib, which must be {' or '.join(IMAGE_SETS)} "
+                       f"(got {config.calib!r})")
+    images, labels = image_split(config.calib, "train", seed=config.seed)
+    # calibration_images takes the first n_samples of this order; the search split is the next search_images
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(config.seed))
+    picked = order[config.n_samples: config.n_samples + config.search_images]
+    if len(picked) < config.search_images:
+        raise S2DError(f"{config.calib} has {len(labels):,} train images: {config.n_samples:,} calibration plus "
+                       f"{config.search_images:,} search images do not fit; lower --search-images or --n-samples")
+    pixels, truth = model_pixels(model, images[picked]), labels[picked]
+    starts = range(0, len(truth), batch_size)
+    batches = [{"pixel_values": pixels[i: i + batch_size]} for i in starts]
+
+    def score(i: int, logits) -> torch.Tensor:
+        return logits.argmax(-1) == truth[i * batch_size: (i + 1) * batch_size]
+
+    def accuracy(scores: list) -> list[float]:
+        right = torch.cat(scores)
+        chunks = config.search_chunks
+        return [int(right[c::chunks].sum()) / len(right[c::chunks]) for c in range(chunks)]  # exact, not float32
+
+    info = {"variant": "image", "images": config.calib, "split": f"{len(truth):,} train images after the "
+            f"{config.n_samples:,} calibration ones, in {config.search_chunks} chunks", "search_images": len(truth)}
+    return AccuracyProbe(desc, batches, score, accuracy, config.acc_tolerance, info)

@@ -10,7 +10,7 @@ from s2d.lowrank.factorized import is_whole
 
 METHODS = ("svd", "asvd", "rom")
 SCHEDULES = ("tail", "uniform")
-SEARCHES = ("ppl", "task")
+SEARCHES = ("ppl", "task", "image")
 
 
 @dataclass
@@ -20,12 +20,15 @@ class LowRankConfig(Config):
     HELP = {"method": "svd (weight space), asvd (whitened SVD), rom (feature space)",
             "keep": "fraction of the whole model's parameters kept", "schedule": "tail: uniform b over the last N "
             "blocks (paper presets); uniform: every block",
-            "search": "surgical rank search (stops at --keep if given): ppl on wiki validation, or accuracy on a "
-            "20%% search split of --search-task",
+            "search": "surgical rank search (stops at --keep if given): ppl on wiki validation, accuracy on a "
+            "20%% search split of --search-task, or (vision models) accuracy on --search-images train images of "
+            "--calib that calibration does not use",
             "search_task": "task search: the zero-shot task (its report split is what --eval scores)",
             "tolerance": "ppl search: accept a rank while ppl ≤ ppl_ref · TOLERANCE^(Linears walked); looser goes "
             "further below --keep's reach",
-            "acc_tolerance": "task search: accuracy drop allowed per chunk against the dense model",
+            "acc_tolerance": "task and image search: accuracy drop allowed per chunk against the dense model",
+            "search_images": "image search: train images of the --calib set scored per trial (none of them "
+            "calibration or test images)",
             "calib": "calibration data: wiki (train split) for text models; fashion-mnist or digits (train "
                      "images) for vision models", "n_samples": "calibration sequences",
             "seq_len": "calibration sequence length", "seed": "seed of the calibration windows",
@@ -40,13 +43,14 @@ class LowRankConfig(Config):
     keep: float | None = 0.8  # fraction of the whole model's parameters kept; None with `ranks`
     schedule: str = "tail"  # tail: uniform b over the last N blocks (the paper's presets); uniform: every block
     ranks: dict | None = None  # explicit ranks by role, e.g. {"q": 64, "down": 128}; overrides keep
-    search: str | None = None  # "ppl" or "task": surgical rank search (SFSD) instead of a budget preset
+    search: str | None = None  # "ppl", "task" or "image": surgical rank search (SFSD) instead of a budget preset
     tolerance: float = 1.005  # ppl search: accept if ppl <= ppl_ref * tolerance ** (layers processed)
     search_samples: int = 16  # ppl search split: windows of seq_len tokens from wiki validation
     search_task: str = "analogy-mc"  # task search: the zero-shot task whose search split is scored
     search_fraction: float = 0.2  # task search: fraction of the task held out as the search split
     search_chunks: int = 3  # task search: the split is cut in chunks; a rank must pass on every chunk
-    acc_tolerance: float = 0.0  # task search: accept if chunk accuracy >= the dense model's - acc_tolerance
+    acc_tolerance: float = 0.0  # task/image search: accept if chunk accuracy >= the dense model's - acc_tolerance
+    search_images: int = 600  # image search: train images after the calibration ones in the same seeded order
     calib: str = "wiki"  # calibration text: wiki train
     n_samples: int = 512
     seq_len: int = 128
@@ -76,6 +80,9 @@ class LowRankConfig(Config):
             raise S2DError(f"ranks must be whole numbers ≥ 1 (got {bad}); e.g. {{'q': 64, 'down': 128}}")
         if self.n_samples < 1 or self.seq_len < 1 or self.chunk_size < 1 or self.search_samples < 1:
             raise S2DError("n_samples, seq_len, chunk_size and search_samples must be ≥ 1")
+        if self.search_images < self.search_chunks:
+            raise S2DError(f"search_images ({self.search_images}) must be at least search_chunks "
+                           f"({self.search_chunks}): every chunk needs an image")
         if not 0 < self.search_fraction < 1 or self.search_chunks < 1 or self.acc_tolerance < 0:
             raise S2DError("search_fraction must be in (0, 1), search_chunks ≥ 1 and acc_tolerance ≥ 0")
         if self.tolerance < 1:

@@ -7,8 +7,8 @@ rank that passes; for several: the max over chunks of each chunk's first passing
 If no candidate passes, the layer stays dense. With a keep target the walk stops once the model is that small.
 
 Two probes: perplexity on wiki validation windows (accept if ppl ≤ ppl_ref · tolerance^(layers processed)) and
-per-chunk accuracy (`AccuracyProbe`), whose scoring function the caller passes in (the task search's comes from
-s2d.commands.search_probe, because lowrank does not depend on eval). Factors (eigenvectors and means for rom)
+per-chunk accuracy (`AccuracyProbe`), whose scoring function the caller passes in (the task and image searches'
+come from s2d.commands.search_probe, because lowrank does not depend on eval). Factors (eigenvectors and means for rom)
 are computed once on the dense model and cut at every candidate rank. Because the walk runs backwards, blocks
 before the current one are still dense, so each trial re-runs only the blocks from the current one on (their
 inputs are cached).
@@ -100,9 +100,10 @@ class PplProbe:
 class AccuracyProbe:
     """Accuracy per chunk of a search split, against the dense model's; a chunk passes within `acc_tolerance`.
 
-    The caller supplies the split as token-id batches and two functions: `score(i, logits)` turns batch i's
-    logits into whatever it needs (e.g. option log-likelihoods), `accuracy(scores)` the per-batch scores into
-    accuracy per chunk. Each batch's block inputs are cached, so a trial at block i re-runs only blocks i..
+    The caller supplies the split as model-input batches (token ids, or a dict of pixel_values) and two
+    functions: `score(i, logits)` turns batch i's logits into whatever it needs (e.g. option log-likelihoods),
+    `accuracy(scores)` the per-batch scores into accuracy per chunk. Each batch's block inputs are cached, so a
+    trial at block i re-runs only blocks i..
     """
 
     def __init__(self, desc: ModelDescription, batches: list[torch.Tensor], score, accuracy, acc_tolerance: float,
@@ -132,12 +133,13 @@ class AccuracyProbe:
 def surgical_search(model, desc: ModelDescription, config: LowRankConfig, targets: list, batch, tokenizer,
                     progress: bool = True, probe: Probe | None = None) -> tuple[RankPlan, dict]:
     """Ranks by search; the model is left compressed at them. Returns the plan and the search record."""
-    if desc.kind != "causal-lm":
-        raise S2DError(f"the rank search needs a causal LM; this is a {desc.kind} model")
     if probe is None:
         if config.search != "ppl":
-            raise S2DError("the task search needs its probe: pass probe=s2d.commands.search_probe.task_probe(model, "
-                           "tokenizer, config), or run `s2d compress --search task`")
+            raise S2DError(f"the {config.search} search needs its probe: pass probe=s2d.commands.search_probe."
+                           f"{config.search}_probe(...), or run `s2d compress --search {config.search}`")
+        if desc.kind != "causal-lm":
+            raise S2DError(f"the perplexity search needs a causal LM; this is a {desc.kind} model"
+                           + (": use --search image" if desc.kind == "vision" else ""))
         probe = PplProbe(desc, config, tokenizer)
     layers = layers_of(desc.linears(), config.method)
     by_name = {layer.name: layer for layer in layers}

@@ -47,7 +47,8 @@ def report_markdown(model_spec: str, report, results: dict, command: str) -> str
     if report.search and report.search["variant"] == "ppl":
         rows.append(("search ppl (ref → final)", f"{report.search['ppl_ref']:.3f} → {report.search['ppl_final']:.3f}"))
     elif report.search:
-        rows.append((f"search {report.search['task']} acc per chunk (ref → final)",
+        scored = report.search.get("task") or f"{report.search['images']} train images"  # task or image search
+        rows.append((f"search {scored} acc per chunk (ref → final)",
                      f"{_accs(report.search['acc_ref'])} → {_accs(report.search['acc_final'])}"))
     if report.search:
         rows.append(("search layers processed", report.search["layers_processed"]))
