@@ -197,6 +197,66 @@ def test_an_export_stage_writes_the_gguf_and_must_come_last(tmp_path):
     assert (export / "model.gguf").stat().st_size > 0
     assert json.loads((export / "metrics.json").read_text())
 
+VISION = """model: tiny:vit
+seed: 0
+stages:
+  - stage: finetune
+    task: image
+    image_data: digits
+    steps: 4
+    batch_size: 16
+    eval_every: 0
+    checkpoint_every: 2
+  - stage: compress
+    method: rom
+    keep: 0.9
+    calib: digits
+    n_samples: 16
+    eval: [image:digits]
+  - stage: quantize
+    scheme: W8A8
+    method: rtn
+    overrides: {a_static: true, a_granularity: per_tensor}
+    tasks: [image:digits]
+    n_samples: 16
+  - stage: eval
+    tasks: [image:digits]
+"""
+
+
+def test_a_vision_recipe_finetunes_compresses_quantizes_static_and_evaluates_on_images(tmp_path):
+    import torch
+
+    from s2d import load_model
+    from s2d.assets import load_model as load_dense
+    from s2d.eval.images import evaluate_image_task
+    from s2d.lowrank.budget import model_parameters
+    from s2d.quant import quantized_layers
+
+    path = tmp_path / "vit.yaml"
+    path.write_text(VISION)
+    out = tmp_path / "out"
+    result = run_recipe(path, out)
+    assert set(_actions(result).values()) == {"ran"} and len(_actions(result)) == 4
+    metric = {stage: json.loads((out / stage / "metrics.json").read_text())
+              for stage in ("01-compress", "02-quantize", "03-eval")}
+    tuned = load_dense(str(out / "00-finetune" / "model"))[0]
+    compressed = load_model(str(out / "01-compress" / "model"))[0]
+    assert model_parameters(compressed) < model_parameters(tuned)
+    plain = evaluate_image_task(compressed, "image:digits")["acc"]
+    assert metric["01-compress"]["eval"]["image:digits"]["acc"] == plain
+    quantized = load_model(str(out / "02-quantize" / "model"))[0]
+    layers = quantized_layers(quantized)
+    assert layers and all(m.act_scale is not None and m.act_scale.numel() == 1 for m in layers.values())
+    cell = metric["02-quantize"]["results"]["W8A8 rtn"]
+    assert cell["config"]["a_static"] and cell["config"]["a_granularity"] == "per_tensor"
+    # the evaluated folder is the quantized one, reloaded to the accuracy the quantize stage measured in memory
+    assert metric["03-eval"]["tasks"]["image:digits"]["acc"] == cell["eval"]["image:digits"]["acc"]
+    with torch.no_grad():
+        x = {"pixel_values": torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(0))}
+        assert not torch.equal(quantized(**x).logits, compressed(**x).logits)  # the static scales act
+
+
 def test_the_worked_recipes_parse():
     for path in sorted(TINY.parent.glob("*.yaml")):
         recipe = parse_recipe(path.read_text(), path)
