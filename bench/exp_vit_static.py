@@ -10,11 +10,11 @@ appear after the first blocks and grow with depth, Sun et al. 2024), a 2× highe
 features grow with the learning rate, He et al. 2024), and a longer schedule (30 epochs instead of 20; outliers grow
 with training, Bondarenko et al. 2023, whose ViT outliers sit on no-op attention to background patches, which
 Fashion-MNIST's blank borders supply), with no weight decay (decay holds weights, and so outliers, down). The
-16-token patching is kept, so a step costs about 2× the 6-block model's. Width is the lever this run then showed to
-matter: its residual outliers (max |x| ~100) never reached the quantized Linears (≤ 12.7), because a LayerNorm's
-output is at most sqrt(d-1)·max|gain| + max|bias| whatever its input (norm_caps, recorded with every max |x|);
-`--model scratch:vit-fmnist-wide` (d=256) lifts that cap, and `--pretrain-only` measures a pre-training before the
-arms are spent on it (s2d.experiments.vit_width reads it).
+16-token patching is kept, so a step costs about 2× the 6-block model's. This run's residual outliers (max |x|
+~100) never reached the quantized Linears (≤ 12.7). A LayerNorm's output is at most sqrt(d-1)·max|gain| + max|bias|
+whatever its input (norm_caps, recorded with every max |x|), so width was the next lever: `--model
+scratch:vit-fmnist-wide` (d=256) lifts the cap, and `--pretrain-only` measures one pre-training before the arms are
+spent on it (s2d.experiments.vit_width reads it; whether the inputs then press on the cap is in its reading).
 
 Stages (each writes its own folder under --root; a folder with metrics.json is not trained again and one with
 ptq.json / curve.json is not measured again, except that ptq.json gains the cells it lacks; `s2d finetune --resume`

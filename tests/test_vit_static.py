@@ -168,7 +168,11 @@ def test_reading_says_why_when_no_static_cell_costs_enough(tmp_path):
                                                                "by_role": {"fc2": 12.5, "q": 4.0},
                                                                "norm_cap": {"attn_in": 11.3, "mlp_in": 12.04}}})
     text = " ".join(vit_static.reading(tmp_path))
-    assert "by norm: attn_in 11.3, mlp_in 12" in text
+    assert "(by norm): attn_in 4 of at most 11.3." in text and "No cap binds" in text  # mlp_in feeds no role here
+    held = {"residual": 100.0, "linear_input": 12.5, "by_role": {"fc2": 12.5, "q": 10.0, "fc1": 3.0},
+            "norm_cap": {"attn_in": 11.3, "mlp_in": 12.04}}
+    assert "The cap binds at attn_in: a wider model" in vit_static._cap_words(held)
+    assert vit_static.cap_use(held) == [("attn_in", 10.0, 11.3), ("mlp_in", 3.0, 12.04)]
     assert "not testable here" in text and "largest gap 1.10, W4A4 static" in text
     assert "residual stream (max |x| 100)" in text and "fc2 12.5, q 4" in text and "about 8× smaller" in text
     assert "beyond the 95% interval at W4A4 static" in text and "13 quantized cells are compared" in text

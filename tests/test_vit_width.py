@@ -41,6 +41,7 @@ def test_reading_says_whether_the_condition_is_met(tmp_path):
     assert "largest per-tensor static gap to FP is 8.00 points (W4A4 static)" in text and "is met" in text
     assert "step 10 → 30" in text and "Linear-input max |x| 8 → 20" in text and "FP − W4A4 static 1.00 → 8.00" in text
     assert "LayerNorm caps: attn_in 16, mlp_in 17.5" in text
+    assert "attn_in 3 of 16 (19%)" in text and "No cap binds" in text
     small = " ".join(vit_width.reading(_root(tmp_path / "b", final_w4=0.79)))
     assert "1.00 points (W4A4 static)" in small and "is not met" in small
 

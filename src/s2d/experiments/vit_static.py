@@ -304,14 +304,33 @@ def _why_small(root: Path) -> str:
 
 
 def _cap_words(m: dict) -> str:
-    """The LayerNorm cap (bench/exp_vit_static.py's norm_caps) as a sentence, if the record has it."""
-    caps = m.get("norm_cap") or {}
-    if not caps:
+    """The LayerNorm cap (bench/exp_vit_static.py's norm_caps) against what the Linears behind each norm read, if
+    the record has it: a binding cap says width is the lever; a cap far above the inputs says it is not."""
+    use = cap_use(m)
+    if not use:
         return ""
-    said = ", ".join(f"{kind} {cap:.3g}" for kind, cap in sorted(caps.items()))
-    return (f" A LayerNorm's output is at most √(d−1)·max|gain| + max|bias| whatever its input (by norm: {said}), so "
-            "the residual's outliers cannot reach q, k, v or fc1 at their size; only a wider model (a larger d) or "
-            "larger gains lift that cap.")
+    said = ", ".join(f"{kind} {seen:.3g} of at most {cap:.3g}" for kind, seen, cap in use)
+    binding = [kind for kind, seen, cap in use if seen >= BINDING * cap]
+    return (f" A LayerNorm's output is at most √(d−1)·max|gain| + max|bias| whatever its input; the Linears behind "
+            f"each norm read (by norm): {said}. "
+            + ("The cap binds at " + ", ".join(binding) + ": a wider model (a larger d) lifts it." if binding else
+               f"No cap binds (every input below {BINDING:.0%} of its cap): the learned gains, not d, keep the "
+               "outliers out of the Linears."))
+
+
+BINDING = 0.8  # an input within 80% of its norm's cap is held by the cap
+NORM_READERS = {"attn_in": ("q", "k", "v"), "mlp_in": ("fc1", "gate", "up")}  # the roles each pre-norm feeds
+
+
+def cap_use(m: dict) -> list[tuple[str, float, float]]:
+    """(norm kind, largest input of the Linears it feeds, its cap) for each norm the record has a cap of."""
+    caps, roles = m.get("norm_cap") or {}, m.get("by_role") or {}
+    out = []
+    for kind, cap in sorted(caps.items()):
+        seen = [roles[r] for r in NORM_READERS.get(kind, ()) if r in roles]
+        if seen:
+            out.append((kind, max(seen), cap))
+    return out
 
 
 def _qat_reading(s: dict) -> list[str]:

@@ -49,6 +49,13 @@ def reading(root: Path) -> list[str]:
     lines.append(f"Linear inputs by role: {roles}; residual max |x| {m['residual']:.3g}"
                  + (f"; LayerNorm caps: {', '.join(f'{k} {v:.3g}' for k, v in sorted(caps.items()))}." if caps
                     else "."))
+    use = vit_static.cap_use(m)
+    if use:
+        binding = [kind for kind, seen, cap in use if seen >= vit_static.BINDING * cap]
+        lines.append("Behind each norm, the largest Linear input against its cap: " + ", ".join(
+            f"{kind} {seen:.3g} of {cap:.3g} ({seen / cap:.0%})" for kind, seen, cap in use) + ". "
+            + (f"The cap binds at {', '.join(binding)}." if binding else "No cap binds: widening lifted a cap the "
+               "inputs were not pressing on, so width is not the lever that brings the outliers into the Linears."))
     return lines
 
 
