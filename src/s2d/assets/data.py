@@ -195,13 +195,19 @@ def model_pixels(model, images: torch.Tensor) -> torch.Tensor:
     return pixel_values(images, int(config.image_size), int(getattr(config, "num_channels", 1)))
 
 
+def seeded_train_images(images: str, start: int, count: int, folder: str | Path | None = None, seed: int = 0):
+    """(images, labels): positions start..start+count of the set's train split in one seeded order. Calibration
+    takes the first n_samples; the image rank search the ones after, so the two never share an image."""
+    train, labels = image_split(images, "train", folder, seed)
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[start: start + count]
+    return train[order], labels[order]
+
+
 def calibration_images(model, images: str, n_samples: int, folder: str | Path | None = None, seed: int = 0) -> dict:
     """`n_samples` seeded train images of the set `images` as the model's pixel_values (never test images)."""
     if n_samples < 1:
         raise S2DError(f"n_samples must be ≥ 1, got {n_samples}")
-    train, _ = image_split(images, "train", folder, seed)
-    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:n_samples]
-    return {"pixel_values": model_pixels(model, train[order])}
+    return {"pixel_values": model_pixels(model, seeded_train_images(images, 0, n_samples, folder, seed)[0])}
 
 
 def calibration_batch(tokenizer, texts: str | list[str], n_samples: int, seq_len: int, seed: int = 0) -> torch.Tensor:

@@ -58,7 +58,8 @@ def image_probe(model, config: LowRankConfig, batch_size: int = 64) -> AccuracyP
     """Top-1 accuracy on the image search split, per chunk (image i in chunk i mod search_chunks)."""
     import torch
 
-    from s2d.assets import IMAGE_SETS, image_split, model_pixels
+    from s2d.assets import IMAGE_SETS, model_pixels
+    from s2d.assets.data import seeded_train_images
 
     desc = describe(model)
     if desc.kind != "vision":
@@ -66,14 +67,12 @@ def image_probe(model, config: LowRankConfig, batch_size: int = 64) -> AccuracyP
     if config.calib not in IMAGE_SETS:
         raise S2DError(f"the image search draws its images from --calib, which must be {' or '.join(IMAGE_SETS)} "
                        f"(got {config.calib!r})")
-    images, labels = image_split(config.calib, "train", seed=config.seed)
-    # calibration_images takes the first n_samples of this order; the search split is the next search_images
-    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(config.seed))
-    picked = order[config.n_samples: config.n_samples + config.search_images]
-    if len(picked) < config.search_images:
-        raise S2DError(f"{config.calib} has {len(labels):,} train images: {config.n_samples:,} calibration plus "
-                       f"{config.search_images:,} search images do not fit; lower --search-images or --n-samples")
-    pixels, truth = model_pixels(model, images[picked]), labels[picked]
+    images, truth = seeded_train_images(config.calib, config.n_samples, config.search_images, seed=config.seed)
+    if len(truth) < config.search_images:
+        raise S2DError(f"{config.calib} has {config.n_samples + len(truth):,} train images: {config.n_samples:,} "
+                       f"calibration plus {config.search_images:,} search images do not fit; lower --search-images "
+                       "or --n-samples")
+    pixels = model_pixels(model, images)
     starts = range(0, len(truth), batch_size)
     batches = [{"pixel_values": pixels[i: i + batch_size]} for i in starts]
 

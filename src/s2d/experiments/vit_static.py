@@ -310,7 +310,7 @@ def _cap_words(m: dict) -> str:
     if not use:
         return ""
     said = ", ".join(f"{kind} {seen:.3g} of at most {cap:.3g}" for kind, seen, cap in use)
-    binding = [kind for kind, seen, cap in use if seen >= BINDING * cap]
+    binding = bound(use)
     return (f" A LayerNorm's output is at most √(d−1)·max|gain| + max|bias| whatever its input; the Linears behind "
             f"each norm read (by norm): {said}. "
             + ("The cap binds at " + ", ".join(binding) + ": a wider model (a larger d) lifts it." if binding else
@@ -331,6 +331,11 @@ def cap_use(m: dict) -> list[tuple[str, float, float]]:
         if seen:
             out.append((kind, max(seen), cap))
     return out
+
+
+def bound(use: list[tuple[str, float, float]]) -> list[str]:
+    """The norms of cap_use() whose Linears read within BINDING of the cap: where the cap, and so d, holds them."""
+    return [kind for kind, seen, cap in use if seen >= BINDING * cap]
 
 
 def _qat_reading(s: dict) -> list[str]:

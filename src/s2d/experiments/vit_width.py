@@ -51,7 +51,7 @@ def reading(root: Path) -> list[str]:
                     else "."))
     use = vit_static.cap_use(m)
     if use:
-        binding = [kind for kind, seen, cap in use if seen >= vit_static.BINDING * cap]
+        binding = vit_static.bound(use)
         lines.append("Behind each norm, the largest Linear input against its cap: " + ", ".join(
             f"{kind} {seen:.3g} of {cap:.3g} ({seen / cap:.0%})" for kind, seen, cap in use) + ". "
             + (f"The cap binds at {', '.join(binding)}." if binding else "No cap binds: widening lifted a cap the "
