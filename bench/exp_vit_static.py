@@ -17,7 +17,7 @@ scratch:vit-fmnist-wide` (d=256) lifts the cap, and `--pretrain-only` measures o
 spent on it (s2d.experiments.vit_width reads it; whether the inputs then press on the cap is in its reading).
 
 Stages (each writes its own folder under --root; a folder with metrics.json is not trained again and one with
-ptq.json / curve.json is not measured again, except that ptq.json gains the cells it lacks; `s2d finetune --resume`
+ptq.json / curve.json is not measured again, except that each gains the cells it lacks; `s2d finetune --resume`
 continues from the last checkpoint):
 1. `pretrain-long`: `s2d finetune scratch:vit-fmnist-deep` with AdamW, keeping every checkpoint
    (--curve-points of them, via `pretrain.yaml`'s keep_checkpoints); `curve.json` measures each kept checkpoint:
@@ -235,11 +235,19 @@ def measure_curve(folder: Path, data: Data) -> None:
     done = json.loads(path.read_text()) if path.is_file() else {"points": {}}
     for ckpt in sorted((folder / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1])):
         step = int(ckpt.name.split("-")[1])
-        if str(step) in done["points"]:
+        point = done["points"].get(str(step))
+        missing = CURVE_CELLS if point is None else tuple(c for c in CURVE_CELLS if c not in point)
+        if not missing:
             continue
         model, _ = load_model(setting(folder, "model"))
         load_weights(model, str(ckpt / "model.safetensors"))
-        done["points"][str(step)] = {"step": step, **measure(model, data, CURVE_CELLS)}
+        new = measure(model, data, missing)
+        if point is None:  # a point from before some cells existed gains just those (its FP and max |x| kept)
+            point = {"step": step, **new}
+        else:
+            point = {**point, **{c: new[c] for c in missing if c != "FP"},
+                     "configs": {**point.get("configs", {}), **new["configs"]}}
+        done["points"][str(step)] = point
         atomic_write_json(path, done)
 
 

@@ -22,6 +22,15 @@ def test_cell_configs():
     assert (repq.softmax_bits, repq.patch_embed_bits, repq.layer_schemes) == (6, 8, {"head": "W8A8"})
     plain = vit_static.quant_config("W6A6 static+reparam")
     assert (plain.softmax_bits, plain.patch_embed_bits, plain.layer_schemes) == (None, None, {})
+    assert plain.residual_bits is None
+    resid = vit_static.quant_config("W5A5 static+resid")  # the residual stream too, at the activation bits
+    assert (resid.residual_bits, resid.a_static, resid.a_granularity, resid.ln_reparam) == \
+        (5, True, "per_tensor", False)
+    control = vit_static.quant_config("W4A4 dynamic+resid")
+    assert (control.residual_bits, control.a_static, control.a_granularity) == (4, False, "per_token")
+    for bad in ("W4A4 dynamic+reparam", "W4A4 static+nothing", "W4A4 sometimes"):
+        with pytest.raises(ValueError, match="not a cell name"):
+            vit_static.quant_config(bad)
 
 
 def test_cells_and_paper_rows():
@@ -105,6 +114,44 @@ def test_measure_model_measures_only_the_cells_a_ptq_json_lacks(tmp_path, monkey
     assert len(loads) == 1 and len(asked) == 1
 
 
+def test_measure_curve_gives_old_points_just_the_cells_they_lack(tmp_path, monkeypatch):
+    import importlib
+    from pathlib import Path
+
+    import s2d.assets
+    import s2d.experiments.record
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
+    exp = importlib.import_module("exp_vit_static")
+    folder = tmp_path / "pretrain-long"
+    for step in (10, 20):
+        (folder / "checkpoints" / f"step-{step}").mkdir(parents=True)
+    old = [c for c in vit_static.CURVE_CELLS if "+resid" not in c]
+    point = {"step": 10, "FP": 0.9, "max_abs": {"residual": 31.0}, "configs": {c: {} for c in old[1:]},
+             **{c: 0.5 for c in old[1:]}}
+    (folder / "curve.json").write_text(json.dumps({"points": {"10": point}}))
+    asked = []
+
+    def fake_measure(model, data, cells):
+        asked.append(tuple(cells))
+        return {"FP": 0.1, "max_abs": {"residual": 1.0}, "configs": {c: {"new": True} for c in cells if c != "FP"},
+                **{c: 0.25 for c in cells if c != "FP"}}
+
+    monkeypatch.setattr(exp, "measure", fake_measure)
+    monkeypatch.setattr(s2d.assets, "load_model", lambda spec: ("model", None))
+    monkeypatch.setattr(s2d.experiments.record, "setting", lambda folder, key: "scratch:vit-fmnist-deep")
+    monkeypatch.setattr("safetensors.torch.load_model", lambda model, path: None)
+    exp.measure_curve(folder, data=None)
+    resid = tuple(c for c in vit_static.CURVE_CELLS if "+resid" in c)
+    assert asked == [resid, vit_static.CURVE_CELLS] and len(resid) == 3
+    points = json.loads((folder / "curve.json").read_text())["points"]
+    assert points["10"]["FP"] == 0.9 and points["10"]["max_abs"] == {"residual": 31.0}  # kept
+    assert all(points["10"][c] == 0.5 for c in old[1:]) and all(points["10"][c] == 0.25 for c in resid)
+    assert points["20"]["FP"] == 0.1 and points["20"]["step"] == 20
+    exp.measure_curve(folder, data=None)  # complete: nothing measured again
+    assert len(asked) == 2
+
+
 def test_later_stages_are_the_s2d_pretraining_then_fine_tunes_then_qat_each_once(tmp_path, monkeypatch):
     import argparse
     import importlib
@@ -175,7 +222,9 @@ def test_reading_says_why_when_no_static_cell_costs_enough(tmp_path):
     assert vit_static.cap_use(held) == [("attn_in", 10.0, 11.3), ("mlp_in", 3.0, 12.04)]
     assert "not testable here" in text and "largest gap 1.10, W4A4 static" in text
     assert "residual stream (max |x| 100)" in text and "fc2 12.5, q 4" in text and "about 8× smaller" in text
-    assert "beyond the 95% interval at W4A4 static" in text and "13 quantized cells are compared" in text
+    assert "beyond the 95% interval at W4A4 static" in text
+    assert f"{len(vit_static.CELLS) - 1} quantized cells are compared" in text
+    assert "which no quantizer sees" in text  # this pretrain-long record measured no +resid cell
 
 
 def test_norm_caps_bound_every_layernorm_output_and_are_attained(monkeypatch):

@@ -27,9 +27,13 @@ from s2d.experiments.record import MissingSetting, setting
 PTQ_SCHEMES = ("W8A8", "W6A6", "W5A5", "W4A4")
 # static: per-tensor static scales on the block Linears' inputs; +reparam adds ln_reparam; +repq is RepQ-ViT's full
 # setting: ln_reparam, the post-softmax probabilities on a log√2 grid at the scheme's activation bits, and the patch
-# embedding and classifier at W8A8 (both stay in floating point in the other cells).
-CELLS = ("FP", *[f"{s} static{r}" for s in PTQ_SCHEMES for r in ("", "+reparam", "+repq")], "W4A4 dynamic")
-CURVE_CELLS = ("FP", "W6A6 static", "W6A6 static+reparam", "W4A4 static", "W4A4 static+reparam")
+# embedding and classifier at W8A8 (both stay in floating point in the other cells). +resid also quantizes the
+# residual stream at every block's output (s2d.quant.residual: FQ-ViT's fully quantized regime, where the stream's
+# outliers meet a quantizer); "dynamic+resid" is its per-token control.
+CELLS = ("FP", *[f"{s} static{r}" for s in PTQ_SCHEMES for r in ("", "+reparam", "+repq")],
+         *[f"{s} static+resid" for s in PTQ_SCHEMES], *[f"{s} dynamic+resid" for s in PTQ_SCHEMES], "W4A4 dynamic")
+CURVE_CELLS = ("FP", "W6A6 static", "W6A6 static+reparam", "W4A4 static", "W4A4 static+reparam",
+               "W6A6 static+resid", "W4A4 static+resid", "W4A4 dynamic+resid")
 PRETRAINS = {"pretrain-long": "AdamW", "pretrain-long-s2d": "AdamW+S2D"}
 ARMS = ("ft-adamw", "ft-s2d")
 CALIB = 32  # training images the static scales (and ln_reparam's channel ranges) are calibrated on
@@ -62,20 +66,28 @@ def qat_args() -> list[str]:
 
 
 def quant_config(cell: str):
-    """The QuantConfig of a cell name: "<scheme> static[+reparam|+repq]" (per-tensor static, min-max observer;
-    +repq is RepQ-ViT's setting, see CELLS) or "<scheme> dynamic" (per-token dynamic, the scheme's defaults);
+    """The QuantConfig of a cell name: "<scheme> static[+reparam|+repq][+resid]" (per-tensor static, min-max
+    observer; +repq is RepQ-ViT's setting, see CELLS; +resid also quantizes the residual stream at every block's
+    output at the activation bits) or "<scheme> dynamic[+resid]" (per-token dynamic, the scheme's defaults);
     per-channel RTN weights throughout."""
     from s2d.quant import QuantConfig
 
     scheme, kind = cell.split(" ", 1)
-    if kind == "dynamic":
-        return QuantConfig.from_scheme(scheme)
-    static = {"a_static": True, "a_granularity": "per_tensor", "a_observer": "minmax"}
-    if kind == "static+repq":
+    base, *extras = kind.split("+")
+    unknown = set(extras) - {"reparam", "repq", "resid"}
+    if base not in ("static", "dynamic") or unknown or (base == "dynamic" and set(extras) - {"resid"}):
+        raise ValueError(f"not a cell name: {cell!r}")
+    options: dict = {}
+    if "resid" in extras:
+        options["residual_bits"] = QuantConfig.from_scheme(scheme).a_bits
+    if base == "dynamic":
+        return QuantConfig.from_scheme(scheme, **options)
+    options.update(a_static=True, a_granularity="per_tensor", a_observer="minmax")
+    if "repq" in extras:
         a_bits = QuantConfig.from_scheme(scheme).a_bits
-        return QuantConfig.from_scheme(scheme, **static, ln_reparam=True, softmax_bits=a_bits, patch_embed_bits=8,
+        return QuantConfig.from_scheme(scheme, **options, ln_reparam=True, softmax_bits=a_bits, patch_embed_bits=8,
                                        layer_schemes={"head": "W8A8"})
-    return QuantConfig.from_scheme(scheme, **static, ln_reparam=kind.endswith("+reparam"))
+    return QuantConfig.from_scheme(scheme, **options, ln_reparam="reparam" in extras)
 
 
 def _json(path: Path) -> dict | None:
@@ -206,7 +218,7 @@ def curve_table(root: Path) -> str:
     for name, label in PRETRAINS.items():
         for p in curve(root, name):
             rows.append([label, p["step"], p["max_abs"]["residual"], p["max_abs"]["linear_input"],
-                         100 * p["FP"], *[100 * (p["FP"] - p[c]) for c in CURVE_CELLS[1:]]])
+                         100 * p["FP"], *[100 * (p["FP"] - p[c]) if c in p else "-" for c in CURVE_CELLS[1:]]])
     return md_table(["pre-training", "step", "residual max |x|", "Linear-input max |x|", "FP acc %",
                      *[f"FP − {c} (points)" for c in CURVE_CELLS[1:]]], rows)
 
@@ -262,15 +274,17 @@ def reading(root: Path) -> list[str]:
             lines.append(target + "not reached; where AdamW loses that much: " + ", ".join(
                 f"{c} (gap {e['adamw_gap']:.2f}, S2D − AdamW {_ci(e['diff'], e['half'])})" for c, e in big.items())
                 + ".")
-        dyn = cells["W4A4 dynamic"]
-        if dyn["adamw_gap"] is not None:
-            lines.append(f"Control, per-token dynamic W4A4: AdamW loses {dyn['adamw_gap']:.2f} points to FP; S2D − "
-                         f"AdamW {_ci(dyn['diff'], dyn['half'])}.")
+        for control, words in (("W4A4 dynamic", "per-token dynamic W4A4"),
+                               ("W4A4 dynamic+resid", "per-token dynamic W4A4 with the residual stream quantized")):
+            dyn = cells.get(control)
+            if dyn and dyn["adamw_gap"] is not None:
+                lines.append(f"Control, {words}: AdamW loses {dyn['adamw_gap']:.2f} points to FP; S2D − AdamW "
+                             f"{_ci(dyn['diff'], dyn['half'])}.")
     lines += _qat_reading(s)
     pre = {name: (_json(root / name / "ptq.json"), _json(root / name / "metrics.json")) for name in PRETRAINS}
     if all(p and m for p, m in pre.values()):
         (pa, ma), (ps, _) = pre["pretrain-long"], pre["pretrain-long-s2d"]
-        worst = max([c for c in CELLS[1:-1] if c in pa and c in ps], key=lambda c: pa["FP"] - pa[c])
+        worst = max([c for c in CELLS if "static" in c and c in pa and c in ps], key=lambda c: pa["FP"] - pa[c])
         lines.append(f"Pre-training with S2D from step 0 against AdamW ({ma['steps']:,} steps each, one run): "
                      f"Linear-input max |x| {pa['max_abs']['linear_input']:.3g} → "
                      f"{ps['max_abs']['linear_input']:.3g}, "
@@ -285,20 +299,30 @@ def reading(root: Path) -> list[str]:
                          f"{a['max_abs']['linear_input']:.3g} → {b['max_abs']['linear_input']:.3g}; FP − W4A4 static "
                          f"{100 * (a['FP'] - a['W4A4 static']):.2f} → {100 * (b['FP'] - b['W4A4 static']):.2f} points, "
                          f"FP − W6A6 static {100 * (a['FP'] - a['W6A6 static']):.2f} → "
-                         f"{100 * (b['FP'] - b['W6A6 static']):.2f}.")
+                         f"{100 * (b['FP'] - b['W6A6 static']):.2f}" + _resid_growth(a, b) + ".")
     return lines
 
 
+def _resid_growth(a: dict, b: dict) -> str:
+    """The residual-quantized gap at the first and last curve point, where both were measured."""
+    cell = "W4A4 static+resid"
+    if cell not in a or cell not in b:
+        return ""
+    return (f"; residual max |x| {a['max_abs']['residual']:.3g} → {b['max_abs']['residual']:.3g}, FP − {cell} "
+            f"{100 * (a['FP'] - a[cell]):.2f} → {100 * (b['FP'] - b[cell]):.2f}")
+
+
 def _why_small(root: Path) -> str:
-    """Where pretrain-long's outliers sit: in the residual stream, which no quantizer sees, or in the Linears'
-    inputs, whose per-tensor static step they set."""
+    """Where pretrain-long's outliers sit: in the residual stream, which only the +resid cells quantize, or in the
+    Linears' inputs, whose per-tensor static step they set."""
     p = _json(root / "pretrain-long" / "ptq.json")
     m = None if p is None else p["max_abs"]
     if m is None or "by_role" not in m or m["residual"] <= m["linear_input"]:
         return ""  # no record, or the outliers do reach the Linears: nothing this sentence could say
     roles = ", ".join(f"{r} {v:.3g}" for r, v in sorted(m["by_role"].items(), key=lambda rv: -rv[1]))
-    return (f" Why: pretrain-long's outliers stay in the residual stream (max |x| {m['residual']:.3g}), which no "
-            f"quantizer sees; every quantized Linear reads a normalized or activated input whose max |x| is "
+    return (f" Why: pretrain-long's outliers stay in the residual stream (max |x| {m['residual']:.3g}), which "
+            + ("only the +resid cells quantize" if any("+resid" in c for c in p) else "no quantizer sees")
+            + "; every quantized Linear reads a normalized or activated input whose max |x| is "
             f"{m['linear_input']:.3g} at most (by role: {roles}), about {m['residual'] / m['linear_input']:.0f}× "
             "smaller, so the per-tensor static step stays fine even at 4 bits." + _cap_words(m))
 
@@ -395,7 +419,9 @@ def intro(s: dict[str, str]) -> str:
             f"{s['calib']} training images), with and without ln_reparam (RepQ-ViT's norm reparameterization), in "
             "RepQ-ViT's full setting (static+repq: ln_reparam, log√2-quantized attention probabilities at the "
             "activation bits, patch embedding and classifier at W8A8; elsewhere the softmax, patch embedding and "
-            "classifier stay in floating point), or per-token dynamic (the control column). Accuracy on "
+            "classifier stay in floating point), with the residual stream also quantized at every block's output "
+            "(+resid: the fully quantized regime of FQ-ViT, where the stream's outliers set the step), or per-token "
+            "dynamic (the control rows, with and without the residual stream quantized). Accuracy on "
             f"{s['n_test']} Fashion-MNIST test images; ± is "
             "the sample SD over seeds, the interval the 95% Student-t interval of the paired per-seed differences.")
 
@@ -455,9 +481,12 @@ def figure(root: Path, out: Path) -> Path | None:
         pts = curves[name]
         ax1.plot([p["step"] for p in pts], [p["max_abs"]["linear_input"] for p in pts], color=color, marker="o",
                  label=f"{label}: Linear inputs (calibration images)")
-        for cell, style in (("W6A6 static", "--"), ("W4A4 static", "-"), ("W4A4 static+reparam", ":")):
-            ax2.plot([p["step"] for p in pts], [100 * (p["FP"] - p[cell]) for p in pts], color=color, ls=style,
-                     marker=".", label=f"{label}: {cell}")
+        for cell, style in (("W6A6 static", "--"), ("W4A4 static", "-"), ("W4A4 static+reparam", ":"),
+                            ("W4A4 static+resid", "-."), ("W4A4 dynamic+resid", (0, (1, 3)))):
+            seen = [p for p in pts if cell in p]
+            if seen:
+                ax2.plot([p["step"] for p in seen], [100 * (p["FP"] - p[cell]) for p in seen], color=color,
+                         ls=style, marker=".", label=f"{label}: {cell}")
     ax1.set(xlabel="pre-training step", ylabel="max |x|", yscale="log", title="Activation outliers")
     ax2.set(xlabel="pre-training step", ylabel="FP − quantized accuracy (points)",
             title="Per-tensor static PTQ gap")

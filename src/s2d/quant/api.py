@@ -33,6 +33,7 @@ from s2d.quant.linear import FakeQuantLinear, QuantLinear
 from s2d.quant.mixed import resolve, uses_bits
 from s2d.quant.primitives import fake_quantize
 from s2d.quant.reparam import check_reparameterizable, reparameterize_norms
+from s2d.quant.residual import ResidualQuant, quantize_residual
 from s2d.quant.rotate import check_rotatable, rotate_model
 from s2d.quant.smooth import smooth_model
 from s2d.quant.softmax import LogSqrt2Quant
@@ -74,8 +75,8 @@ def prepare(model: nn.Module, config: QuantConfig, filter: Filter | None = None,
 def convert(model: nn.Module, config: QuantConfig, filter: Filter | None = None, calib: CalibBatch | None = None,
             *, chunk_size: int = 8, progress: bool = True) -> nn.Module:
     """Swap the targeted Linears for QuantLinears (RTN or GPTQ weights), quantize the KV cache (kv_bits), the
-    attention probabilities (softmax_bits) and the patch embedding (patch_embed_bits), and calibrate static
-    activation scales and softmax deltas."""
+    attention probabilities (softmax_bits), the patch embedding (patch_embed_bits) and the residual stream between
+    blocks (residual_bits), and calibrate static activation scales and softmax deltas."""
     _check_inputs(model, config, calib, filter)
     desc = describe(model)
     target = leaf_filter(model, filter or desc.is_target)
@@ -98,6 +99,8 @@ def convert(model: nn.Module, config: QuantConfig, filter: Filter | None = None,
         quantize_softmax(model, config.softmax_bits)
     if config.patch_embed_bits is not None:
         quantize_patch_embed(model, config)
+    if config.residual_bits is not None:
+        quantize_residual(model, config)
     if calib is not None:  # a no-op unless some layer has a static scale or a softmax delta to calibrate
         calibrate_activations(model, calib, chunk_size)
     if config.a_clip_search:
@@ -155,9 +158,9 @@ def search_activation_clips(model: nn.Module, calib: CalibBatch, ceiling: float 
 
 @torch.no_grad()
 def calibrate_activations(model: nn.Module, calib: CalibBatch, chunk_size: int = 8) -> None:
-    """Set every static activation scale (QuantLinear, QuantConv2d) and every softmax delta from the calibration
-    batch, all in one pass (each observes the model with weights quantized and activations in float)."""
-    layers = [m for m in model.modules() if (isinstance(m, QuantLinear | QuantConv2d) and m.a_static)
+    """Set every static activation scale (QuantLinear, QuantConv2d, ResidualQuant) and every softmax delta from the
+    calibration batch, all in one pass (each observes the model with weights quantized and activations in float)."""
+    layers = [m for m in model.modules() if (isinstance(m, QuantLinear | QuantConv2d | ResidualQuant) and m.a_static)
               or isinstance(m, LogSqrt2Quant)]
     if not layers:
         return
@@ -180,9 +183,9 @@ def prepare_qat(model: nn.Module, config: QuantConfig, filter: Filter | None = N
     config.a_static, each input gets a per-tensor scale to calibrate (s2d.quant.qat.calibrate_qat), then learned
     by LSQ (`learn_act_scales`) or kept fixed.
     """
-    if config.softmax_bits is not None or config.patch_embed_bits is not None:
-        raise S2DError("QAT trains the Linears only: softmax_bits and patch_embed_bits are PTQ settings; drop them "
-                       "from the QAT config")
+    if (config.softmax_bits, config.patch_embed_bits, config.residual_bits) != (None, None, None):
+        raise S2DError("QAT trains the Linears only: softmax_bits, patch_embed_bits and residual_bits are PTQ "
+                       "settings; drop them from the QAT config")
     target = filter or describe(model).is_target
     _check_group_size(model, config, target)
     specs = resolve(model, config, target)
@@ -260,6 +263,8 @@ def _check_inputs(model: nn.Module, config: QuantConfig, calib: CalibBatch | Non
         require_calib(calib, "softmax_bits (to calibrate each attention layer's delta)")
     if config.a_static and config.patch_embed_bits is not None:
         require_calib(calib, "the patch embedding's static input scale")
+    if config.a_static and config.residual_bits is not None:
+        require_calib(calib, "the residual stream's static scales (residual_bits)")
     check_quantizable(model, config, filter)
 
 

@@ -57,6 +57,7 @@ class QuantConfig(Config):
     kv_clip: float = 1.0  # QuaRot's paper clips the KV cache at 0.95
     softmax_bits: int | None = None  # RepQ-ViT: post-softmax attention probabilities on a log√2 grid; None = FP
     patch_embed_bits: int | None = None  # RepQ-ViT's W8A8 patch embedding (a vision model's Conv2d); None = FP
+    residual_bits: int | None = None  # the residual stream at each block's output (FQ-ViT's regime); None = FP
     learn_rotation_steps: int = 0  # with rotate: SpinQuant's Cayley SGD steps on R1 (and R2); 0 = fixed Hadamard
     learn_rotation_lr: float = 1.5  # SpinQuant's learning rate on the Stiefel manifold
     learn_rotation_batch: int = 1  # calibration sequences per step
@@ -114,6 +115,8 @@ class QuantConfig(Config):
             check_bits(self.softmax_bits, "softmax_bits (attention probabilities)")
         if self.patch_embed_bits is not None:
             check_bits(self.patch_embed_bits, "patch_embed_bits (the patch embedding's weights and input)")
+        if self.residual_bits is not None:
+            check_bits(self.residual_bits, "residual_bits (the residual stream between blocks)")
         if isinstance(self.kv_clip, bool) or not 0 < self.kv_clip <= 1:
             raise S2DError(f"kv_clip must be in (0, 1] (QuaRot clips the KV cache at 0.95), got {self.kv_clip!r}")
         if self.learn_rotation_steps < 0 or self.learn_rotation_batch < 1 or not self.learn_rotation_lr > 0:
@@ -164,7 +167,8 @@ class QuantConfig(Config):
     def needs_calibration(self) -> bool:
         return (self.method == "gptq" or self.smooth_alpha is not None or self.a_clip_search
                 or self.learn_rotation_steps > 0 or (self.a_static and self.a_bits is not None) or self.ln_reparam
-                or self.softmax_bits is not None or (self.a_static and self.patch_embed_bits is not None))
+                or self.softmax_bits is not None or (self.a_static and self.patch_embed_bits is not None)
+                or (self.a_static and self.residual_bits is not None))
 
     def weight_spec(self) -> QuantSpec | None:
         return self.weight_spec_at(self.w_bits)

@@ -5,7 +5,8 @@ The folder is a plain transformers model plus two additions:
   weight (any online rotation folded back), so plain transformers gets the weight-quantized model;
 - `quantization.safetensors`: the integer weights, their scales and zero points, static activation scales
   and online rotations of every QuantLinear (and of the patch embedding's QuantConv2d, s2d.quant.conv), and the
-  R3 rotations and softmax deltas of the attention layers (s2d.quant.kvcache);
+  R3 rotations and softmax deltas of the attention layers (s2d.quant.kvcache) and the residual stream's scales
+  (s2d.quant.residual);
 - a `quantization` block in `config.json`: the QuantConfig and the list of quantized layers.
 `s2d.load_model(folder)` loads the plain model, then `restore` swaps the QuantLinears back in from the
 integer tensors (and re-attaches R3, KV-cache and softmax quantization, which run inside the attention and
@@ -27,13 +28,16 @@ from s2d.quant.config import QuantConfig
 from s2d.quant.conv import QuantConv2d, restore_patch_embed
 from s2d.quant.kvcache import owned_names, restore_attention
 from s2d.quant.linear import QuantLinear
+from s2d.quant.residual import owned_names as residual_names
+from s2d.quant.residual import restore_residual
 from s2d.quant.rotate import Rotation
 from s2d.quant.swap import set_module
 
 QUANT_FILE = "quantization.safetensors"
 FORMAT = "s2d-fake-quant"
-FORMAT_VERSION = 3  # 2: each layer entry may carry its own w_bits/a_bits (mixed precision, layer_schemes)
+FORMAT_VERSION = 4  # 2: each layer entry may carry its own w_bits/a_bits (mixed precision, layer_schemes)
 # 3: a quantized patch embedding (patch_embed_bits) or softmax deltas (softmax_bits)
+# 4: the residual stream's quantizers (residual_bits)
 
 
 def save_quantized(model: nn.Module, folder: str | Path, tokenizer=None, config: QuantConfig | None = None) -> Path:
@@ -48,7 +52,8 @@ def save_quantized(model: nn.Module, folder: str | Path, tokenizer=None, config:
         raise S2DError(f"the quantized model's tensor {bad} holds NaN/Inf; it is not saved. Quantize again with more "
                        "bits, another observer or method, or check the original with `s2d diagnose`")
     quant_tensors, plain_state, entries = {}, {}, {}
-    attention = owned_names(model)  # R3's rotations, softmax deltas: s2d's own tensors, not the plain model's
+    # R3's rotations, softmax deltas, residual scales: s2d's own tensors, not the plain model's
+    attention = [*owned_names(model), *residual_names(model)]
     convs = {n: m for n, m in model.named_modules() if isinstance(m, QuantConv2d)}
     for name, tensor in model.state_dict().items():
         owner = next((n for n in [*layers, *attention, *convs] if name.startswith(n + ".")), None)
@@ -72,7 +77,8 @@ def save_quantized(model: nn.Module, folder: str | Path, tokenizer=None, config:
             plain_state[f"{name}.bias"] = conv.bias
     # Version 1 readers rebuild every layer from the config's bits: a mixed folder must not look readable to them.
     mixed = any((e["w_bits"], e["a_bits"]) != (config.w_bits, config.a_bits) for e in entries.values())
-    version = FORMAT_VERSION if (config.softmax_bits, config.patch_embed_bits) != (None, None) else (2 if mixed else 1)
+    version = (FORMAT_VERSION if config.residual_bits is not None else
+               3 if (config.softmax_bits, config.patch_embed_bits) != (None, None) else 2 if mixed else 1)
     block = {"format": FORMAT, "format_version": version, "config": config.to_dict(), "layers": entries}
     folder = Path(folder)
     with atomic_dir(folder, needed=nbytes(model.state_dict().values())) as tmp:
@@ -124,5 +130,6 @@ def restore(model: nn.Module, folder: str | Path) -> nn.Module:
         set_module(model, name, layer.to(getattr(base, "weight", torch.empty(0)).device))
     restore_attention(model, config, tensors, f"{folder}/{QUANT_FILE}")
     restore_patch_embed(model, config, tensors, f"{folder}/{QUANT_FILE}")
+    restore_residual(model, config, tensors, f"{folder}/{QUANT_FILE}")
     model.s2d_quant_config = config
     return model
