@@ -206,6 +206,16 @@ def test_a_stage_held_by_another_process_is_skipped_and_runs_once_free(tmp_path,
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
+def test_reading_gives_each_arms_outliers_and_s2ds_paired_change(tmp_path):
+    for seed, (adamw, s2d) in enumerate(((100.0, 80.0), (110.0, 99.0), (90.0, 72.0))):
+        base = {c: 0.80 for c in vit_static.CELLS}
+        _write(tmp_path, f"ft-adamw-s{seed}", base | {"max_abs": {"residual": adamw, "linear_input": 10.0}})
+        _write(tmp_path, f"ft-s2d-s{seed}", base | {"max_abs": {"residual": s2d, "linear_input": 9.0}})
+    line = next(t for t in vit_static.reading(tmp_path) if t.startswith("Outliers the quantizers meet"))
+    # residual means 100 and 83.7; the per-seed changes -20%, -10%, -20%: mean -16.67
+    assert "residual stream AdamW 100, AdamW+S2D 83.7 (-16.67 [" in line and "Linear inputs 10 and 9." in line
+
+
 def test_reading_says_why_when_no_static_cell_costs_enough(tmp_path):
     for seed in range(3):
         base = {c: 0.80 for c in vit_static.CELLS} | {"W4A4 static": 0.79 - 0.001 * seed}

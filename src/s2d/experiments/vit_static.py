@@ -280,6 +280,7 @@ def reading(root: Path) -> list[str]:
             if dyn and dyn["adamw_gap"] is not None:
                 lines.append(f"Control, {words}: AdamW loses {dyn['adamw_gap']:.2f} points to FP; S2D − AdamW "
                              f"{_ci(dyn['diff'], dyn['half'])}.")
+    lines += _outlier_words(root)
     lines += _qat_reading(s)
     pre = {name: (_json(root / name / "ptq.json"), _json(root / name / "metrics.json")) for name in PRETRAINS}
     if all(p and m for p, m in pre.values()):
@@ -301,6 +302,25 @@ def reading(root: Path) -> list[str]:
                          f"FP − W6A6 static {100 * (a['FP'] - a['W6A6 static']):.2f} → "
                          f"{100 * (b['FP'] - b['W6A6 static']):.2f}" + _resid_growth(a, b) + ".")
     return lines
+
+
+def _outlier_words(root: Path) -> list[str]:
+    """What S2D did to the outliers the +resid cells quantize: each arm's residual and Linear-input max |x| on the
+    calibration images (mean over seeds), and S2D's paired relative change of the residual max."""
+    runs = arm_runs(root)
+    maxima = {arm: {seed: r["max_abs"] for seed, r in by_seed.items() if "max_abs" in r} for arm, by_seed in
+              runs.items()}
+    paired = sorted(set(maxima[ARMS[0]]) & set(maxima[ARMS[1]]))
+    if not paired:
+        return []
+    mean = {arm: {k: statistics.mean(maxima[arm][s][k] for s in paired) for k in ("residual", "linear_input")}
+            for arm in ARMS}
+    change = [100 * (maxima[ARMS[1]][s]["residual"] / maxima[ARMS[0]][s]["residual"] - 1) for s in paired]
+    diff, half = t_interval(change)
+    return [f"Outliers the quantizers meet (max |x| on the calibration images, mean over {len(paired)} paired "
+            f"seed{'s' if len(paired) > 1 else ''}): residual stream AdamW {mean['ft-adamw']['residual']:.3g}, "
+            f"AdamW+S2D {mean['ft-s2d']['residual']:.3g} ({_ci(diff, half)} %); Linear inputs "
+            f"{mean['ft-adamw']['linear_input']:.3g} and {mean['ft-s2d']['linear_input']:.3g}."]
 
 
 def _resid_growth(a: dict, b: dict) -> str:
