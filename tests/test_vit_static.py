@@ -277,3 +277,18 @@ def test_norm_caps_bound_every_layernorm_output_and_are_attained(monkeypatch):
                 assert hit == pytest.approx((d - 1) ** 0.5 * float(norm.weight.abs().max()), rel=1e-4)
     for kind, cap in caps.items():
         assert seen[kind] <= cap + 1e-4
+
+
+def test_reading_follows_the_residual_quantized_gap_along_a_pretraining(tmp_path):
+    def point(step, fp, resid_acc, residual):
+        return {"step": step, "FP": fp, "W6A6 static": fp, "W4A4 static": fp - 0.01, "W4A4 static+resid": resid_acc,
+                "max_abs": {"residual": residual, "linear_input": 5.0}}
+
+    (tmp_path / "pretrain-long").mkdir()
+    (tmp_path / "pretrain-long" / "curve.json").write_text(json.dumps(
+        {"points": {"10": point(10, 0.70, 0.69, 40.0), "30": point(30, 0.85, 0.78, 96.0)}}))
+    line = next(t for t in vit_static.reading(tmp_path) if t.startswith("AdamW pre-training, step 10 → 30"))
+    assert "residual max |x| 40 → 96, FP − W4A4 static+resid 1.00 → 7.00" in line
+    old = point(30, 0.85, 0.78, 96.0)
+    del old["W4A4 static+resid"]  # a curve from before the +resid cells: the sentence says nothing of them
+    assert vit_static._resid_growth(point(10, 0.7, 0.69, 40.0), old) == ""
