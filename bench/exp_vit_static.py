@@ -31,8 +31,11 @@ continues from the last checkpoint):
 5. `ptq.json` in every model's folder: FP, and W8A8 / W6A6 / W5A5 / W4A4 with per-tensor static activation scales
    (min-max observer, calibrated on the first 32 training images) with and without ln_reparam, and in RepQ-ViT's
    full setting (static+repq: also log√2 softmax at the activation bits, patch embedding and classifier at W8A8),
-   and per-token dynamic W4A4 as the control (s2d.experiments.vit_static.CELLS); a ptq.json lacking some cells
-   (written before they existed) gets those measured and merged in;
+   with the residual stream also quantized at every block's output (+resid, s2d.quant.residual: the fully
+   quantized regime, where the stream's outliers, not the LayerNorm-capped Linear inputs, set the step), and
+   per-token dynamic W4A4 with and without the residual stream as the controls (s2d.experiments.vit_static.CELLS);
+   a ptq.json or curve.json point lacking some cells (written before they existed) gets those measured and merged
+   in;
 6. `qat-adamw-s<seed>`, `qat-s2d-s<seed>`: the ft-* fine-tunes (same steps, lr and seed) with W4A4 QAT at
    per-tensor static activation scales (vit_static.QAT_OPTIONS: min-max calibrated on the first training batch,
    then learned by LSQ), run after every other stage; `qat.json` in each holds the test accuracy of the saved

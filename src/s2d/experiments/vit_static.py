@@ -319,7 +319,7 @@ def _outlier_words(root: Path) -> list[str]:
     diff, half = t_interval(change)
     return [f"Outliers the quantizers meet (max |x| on the calibration images, mean over {len(paired)} paired "
             f"seed{'s' if len(paired) > 1 else ''}): residual stream AdamW {mean['ft-adamw']['residual']:.3g}, "
-            f"AdamW+S2D {mean['ft-s2d']['residual']:.3g} ({_ci(diff, half)} %); Linear inputs "
+            f"AdamW+S2D {mean['ft-s2d']['residual']:.3g} (S2D's paired change in %: {_ci(diff, half)}); Linear inputs "
             f"{mean['ft-adamw']['linear_input']:.3g} and {mean['ft-s2d']['linear_input']:.3g}."]
 
 
