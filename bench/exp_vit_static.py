@@ -176,6 +176,13 @@ def measure(model, data: Data, cells: tuple[str, ...]) -> dict:
     return out
 
 
+def with_cells(done: dict, new: dict, missing: tuple[str, ...]) -> dict:
+    """`done` (a ptq.json or curve point from before some cells existed) with the `missing` cells of `new` merged in;
+    its own FP and max |x| are kept."""
+    return {**done, **{c: new[c] for c in missing if c != "FP"},
+            "configs": {**done.get("configs", {}), **new["configs"]}}
+
+
 def measure_model(folder: Path, data: Data) -> None:
     """ptq.json: every cell of CELLS; a ptq.json from before some cells existed gets just those measured and merged
     in (the cells already there, and its FP and max |x|, are kept as they are)."""
@@ -192,10 +199,7 @@ def measure_model(folder: Path, data: Data) -> None:
     if done is None:
         atomic_write_json(path, new)
         return
-    merged = {**done, **{c: new[c] for c in missing if c != "FP"},
-              "configs": {**done.get("configs", {}), **new["configs"]},
-              "seconds": done.get("seconds", 0.0) + new["seconds"]}
-    atomic_write_json(path, merged)
+    atomic_write_json(path, {**with_cells(done, new, missing), "seconds": done.get("seconds", 0.0) + new["seconds"]})
 
 
 @torch.no_grad()
@@ -245,12 +249,7 @@ def measure_curve(folder: Path, data: Data) -> None:
         model, _ = load_model(setting(folder, "model"))
         load_weights(model, str(ckpt / "model.safetensors"))
         new = measure(model, data, missing)
-        if point is None:  # a point from before some cells existed gains just those (its FP and max |x| kept)
-            point = {"step": step, **new}
-        else:
-            point = {**point, **{c: new[c] for c in missing if c != "FP"},
-                     "configs": {**point.get("configs", {}), **new["configs"]}}
-        done["points"][str(step)] = point
+        done["points"][str(step)] = {"step": step, **new} if point is None else with_cells(point, new, missing)
         atomic_write_json(path, done)
 
 

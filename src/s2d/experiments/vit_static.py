@@ -77,14 +77,12 @@ def quant_config(cell: str):
     unknown = set(extras) - {"reparam", "repq", "resid"}
     if base not in ("static", "dynamic") or unknown or (base == "dynamic" and set(extras) - {"resid"}):
         raise ValueError(f"not a cell name: {cell!r}")
-    options: dict = {}
-    if "resid" in extras:
-        options["residual_bits"] = QuantConfig.from_scheme(scheme).a_bits
+    a_bits = QuantConfig.from_scheme(scheme).a_bits
+    options: dict = {"residual_bits": a_bits} if "resid" in extras else {}
     if base == "dynamic":
         return QuantConfig.from_scheme(scheme, **options)
     options.update(a_static=True, a_granularity="per_tensor", a_observer="minmax")
     if "repq" in extras:
-        a_bits = QuantConfig.from_scheme(scheme).a_bits
         return QuantConfig.from_scheme(scheme, **options, ln_reparam=True, softmax_bits=a_bits, patch_embed_bits=8,
                                        layer_schemes={"head": "W8A8"})
     return QuantConfig.from_scheme(scheme, **options, ln_reparam="reparam" in extras)
