@@ -41,10 +41,17 @@ continues from the last checkpoint):
    then learned by LSQ), run after every other stage; `qat.json` in each holds the test accuracy of the saved
    integer model (`model-quantized/`, the learned scales: the QAT forward bit for bit), of its float weights, and
    of static W4A4 PTQ of those weights (scales calibrated afresh), vit_static.QAT_CELLS.
-The table, the plain-words answer and the figure are s2d.experiments.vit_static's, read from the run folders.
+7. `lever-<name>-s<seed>` (only with --levers): the ft-s2d fine-tune with some S2D options changed
+   (s2d.experiments.vit_levers.LEVERS: a larger λ, S2D kept to the residual stream's writers, PCDR's selection off),
+   each with a ptq.json of vit_levers.LEVER_CELLS. `--levers-only` runs just the two arms' fine-tunes and the
+   levers after `pretrain-long`, seed by seed, all measured on LEVER_CELLS (a later full run adds the arms' other
+   cells).
+The table, the plain-words answer and the figure are s2d.experiments.vit_static's (vit_levers' for the levers),
+read from the run folders.
 
 Usage: python bench/exp_vit_static.py [--root runs/exp-vit-static] [--epochs 30] [--lr 2e-3] [--seeds 0 1 2]
            [--n-test 10000] [--jobs 1] [--model scratch:vit-fmnist-deep] [--pretrain-only] [--table] [--smoke]
+           [--levers NAME ...] [--levers-only]
        --smoke runs every stage at a tiny size (runs/exp-vit-static-smoke) to check the pipeline in minutes.
 Cost on one core per process: ~0.5 s per pre-training step (AdamW or S2D), ~0.8 s per QAT step, ~7 s per
 measured cell on 5,000 test images (a ptq.json's 14 cells: ~110 s). The full default run is ~8 h on one core;
@@ -68,7 +75,9 @@ import torch
 from exp_vit import BATCH, PRETRAIN_SEED, finetune, run, select_tau
 
 from s2d.assets.tiny import SCRATCH_MODELS
+from s2d.experiments import vit_levers
 from s2d.experiments.vit import S2D
+from s2d.experiments.vit_levers import LEVER_CELLS, LEVERS, s2d_flags
 from s2d.experiments.vit_static import ARMS, CALIB, CELLS, CURVE_CELLS, QAT_ARMS, figure, qat_args, quant_config, report
 
 MODEL = "scratch:vit-fmnist-deep"  # --model scratch:vit-fmnist-wide is the width lever (d=256)
@@ -183,15 +192,16 @@ def with_cells(done: dict, new: dict, missing: tuple[str, ...]) -> dict:
             "configs": {**done.get("configs", {}), **new["configs"]}}
 
 
-def measure_model(folder: Path, data: Data) -> None:
-    """ptq.json: every cell of CELLS; a ptq.json from before some cells existed gets just those measured and merged
-    in (the cells already there, and its FP and max |x|, are kept as they are)."""
+def measure_model(folder: Path, data: Data, cells: tuple[str, ...] = CELLS) -> None:
+    """ptq.json: every one of `cells`; a ptq.json that lacks some (written before they existed, or for fewer cells)
+    gets just those measured and merged in (the cells already there, and its FP and max |x|, are kept as they
+    are)."""
     from s2d.assets import load_model
     from s2d.io import atomic_write_json
 
     path = folder / "ptq.json"
     done = json.loads(path.read_text()) if path.is_file() else None
-    missing = CELLS if done is None else tuple(c for c in CELLS if c not in done)
+    missing = cells if done is None else tuple(c for c in cells if c not in done)
     if not missing:
         return
     model, _ = load_model(str(folder / "model"))
@@ -253,7 +263,8 @@ def measure_curve(folder: Path, data: Data) -> None:
         atomic_write_json(path, done)
 
 
-def stage(root: Path, name: str, cmd: list[str], data: Data, curve: bool = False, qat: bool = False) -> bool:
+def stage(root: Path, name: str, cmd: list[str], data: Data, curve: bool = False, qat: bool = False,
+          cells: tuple[str, ...] = CELLS) -> bool:
     """Train (unless finished) and measure one stage; False, doing nothing, if another process holds it."""
     t0 = time.perf_counter()
     (root / ".locks").mkdir(exist_ok=True)
@@ -273,7 +284,7 @@ def stage(root: Path, name: str, cmd: list[str], data: Data, curve: bool = False
         if qat:
             measure_qat(root / name, data)
         else:
-            measure_model(root / name, data)
+            measure_model(root / name, data, cells)
     print(f"  {name}: done in {time.perf_counter() - t0:.0f} s", flush=True)
     return True
 
@@ -295,6 +306,10 @@ def write_plan(root: Path, args: argparse.Namespace) -> None:
             raise SystemExit(f"{root} was started with other settings ({diff}); rerun with those, or choose another "
                              "--root")
         plan["seeds"] = sorted({*old.get("seeds", []), *args.seeds})
+        if args.levers_only:  # the arms' command stays the one their section quotes
+            plan["command"] = old.get("command", plan["command"])
+    if args.levers:
+        plan["lever_command"] = " ".join(["python", "bench/exp_vit_static.py", *sys.argv[1:]])
     atomic_write_json(path, plan)
     keep = root / "pretrain.yaml"
     if not keep.is_file():  # written once: a --jobs child must not rewrite it under a running pre-training
@@ -303,20 +318,30 @@ def write_plan(root: Path, args: argparse.Namespace) -> None:
 
 def later_stages(root: Path, args: argparse.Namespace, spe: int, steps: int) -> list[tuple[str, list[str], dict]]:
     """The stages after `pretrain-long`, longest first: the S2D pre-training, the fine-tunes, then the QAT runs
-    (last, so the folders of a run started before the QAT arms existed are reached after everything it planned).
-    Each needs only `pretrain-long` and selection.json, so they may run side by side (--jobs)."""
+    (last, so the folders of a run started before the QAT arms existed are reached after everything it planned),
+    then the --levers fine-tunes. With --levers-only, just the two arms' fine-tunes and the levers, seed by seed,
+    measured on LEVER_CELLS (a later full run adds the arms' other cells). Each needs only `pretrain-long` and
+    selection.json, so they may run side by side (--jobs)."""
     option = select_tau(root)["reg_option"]
     s2d = [*S2D, "--reg-option", option]
+    long = str(root / "pretrain-long" / "model")
+
+    def tune(name: str, seed: int, extra: list[str], kind: dict) -> tuple[str, list[str], dict]:
+        return name, finetune(long, spe, args.ft_lr, spe // 10, seed, root / name, extra), kind
+
+    levers = [tune(f"lever-{lever}-s{seed}", seed, s2d_flags(s2d, LEVERS[lever]), {"cells": LEVER_CELLS})
+              for seed in args.seeds for lever in args.levers]
+    if args.levers_only:
+        arms = [tune(f"{arm}-s{seed}", seed, extra, {"cells": LEVER_CELLS}) for seed in args.seeds
+                for arm, extra in zip(ARMS, (["--reg", "none"], s2d), strict=True)]
+        return sorted([*arms, *levers], key=lambda st: args.seeds.index(int(st[0].rsplit("-s", 1)[1])))
     out = [("pretrain-long-s2d", pretrain(root, "pretrain-long-s2d", args.model, steps, args.lr, args.curve_points,
                                           s2d), {"curve": True})]
-    long = str(root / "pretrain-long" / "model")
     for arms, qat in ((ARMS, []), (QAT_ARMS, qat_args())):
         for seed in args.seeds:  # the pre-training is shared; the seed draws the fine-tune's batches
             for arm, extra in zip(arms, (["--reg", "none"], s2d), strict=True):
-                name = f"{arm}-s{seed}"
-                out.append((name, finetune(long, spe, args.ft_lr, spe // 10, seed, root / name, [*extra, *qat]),
-                            {"qat": bool(qat)}))
-    return out
+                out.append(tune(f"{arm}-s{seed}", seed, [*extra, *qat], {"qat": bool(qat)}))
+    return [*out, *levers]
 
 
 def run_parallel(root: Path, plan: list[tuple[str, list[str], dict]], jobs: int) -> None:
@@ -365,6 +390,10 @@ def main() -> None:
                     help="the scratch ViT pre-trained (vit-fmnist-wide: d=256, the width lever)")
     ap.add_argument("--pretrain-only", action="store_true", help="stop after pretrain-long and its measurements "
                     "(a probe of whether a pre-training's outliers cost static PTQ, before the arms are run on it)")
+    ap.add_argument("--levers", nargs="+", default=[], choices=list(LEVERS), help="also fine-tune these S2D "
+                    "levers (s2d.experiments.vit_levers.LEVERS) at every seed, measured on its LEVER_CELLS")
+    ap.add_argument("--levers-only", action="store_true", help="after pretrain-long, run only the two arms' "
+                    "fine-tunes and the --levers, seed by seed, all measured on LEVER_CELLS")
     ap.add_argument("--stage", default=None, help=argparse.SUPPRESS)  # one stage, for --jobs' child processes
     args = ap.parse_args()
     if args.smoke:
@@ -394,6 +423,9 @@ def main() -> None:
         else:
             run_parallel(root, plan, args.jobs)
     print(report(root))
+    if vit_levers.arm_names(root):
+        print("\nLevers of the S2D fine-tune:\n\n" + vit_levers.table(root) + "\n"
+              + "\n".join(f"- {line}" for line in vit_levers.reading(root)))
     path = figure(root, root / "figures" / "vit-static-curve.png")
     if path is not None:
         print(f"\nfigure: {path}")

@@ -261,3 +261,36 @@ def test_weight_decay_baseline_forms():
     torch.testing.assert_close(model.get_submodule(DOWN0).weight.detach(), w0 * 0.95)
     coupled = WeightDecay(model, WeightDecayConfig(lam=0.1, form="coupled"), only(DOWN0))
     assert float(coupled.penalty()) == pytest.approx(0.05 * float((w0 * 0.95).pow(2).sum()), rel=1e-5)
+
+
+# The residual writers by module name, written out per family without the adapters (roles= must agree with them).
+WRITERS = {"llama": ("self_attn.o_proj", "mlp.down_proj"), "gemma3": ("self_attn.o_proj", "mlp.down_proj"),
+           "vit": ("attention.o_proj", "mlp.fc2"), "bert": (".output.dense",)}  # BERT: attention's and the MLP's
+
+
+@pytest.mark.parametrize("family", sorted(WRITERS))
+def test_roles_restrict_s2d_to_the_residual_writers(family):
+    model, _ = tiny_model(family)
+    writers = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.endswith(WRITERS[family])}
+    reg = SelectiveSpectralDecay(model, S2DConfig(roles="o,down,fc2", selection="all", form="decoupled"))
+    assert set(reg.targets) == writers and len(writers) >= 4
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    reg.step(lr=0.1)
+    changed = {n.removesuffix(".weight") for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == writers  # the decay touched the writers and nothing else
+
+
+def test_roles_that_select_nothing_or_do_not_exist():
+    with pytest.raises(S2DError, match="roles=fc2 select no Linear of this model; its roles are"):
+        SelectiveSpectralDecay(tiny_model("llama")[0], S2DConfig(roles="fc2"))
+    for bad in ("mlp", "", ","):
+        with pytest.raises(S2DError, match="roles must be 'all' or a comma list"):
+            S2DConfig(roles=bad).validate()
+
+
+def test_roles_from_the_command_line():
+    from s2d.regularize import make_regularizer
+
+    model = tiny_model("llama")[0]
+    reg = make_regularizer("s2d", model, {"roles": "o,down"}, optimizer=None)
+    assert {n.rsplit(".", 1)[1] for n in reg.targets} == {"o_proj", "down_proj"}

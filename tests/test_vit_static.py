@@ -160,7 +160,8 @@ def test_later_stages_are_the_s2d_pretraining_then_fine_tunes_then_qat_each_once
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
     exp = importlib.import_module("exp_vit_static")
     monkeypatch.setattr(exp, "select_tau", lambda root: {"reg_option": "tau=0.9"})
-    args = argparse.Namespace(seeds=[0, 1], lr=2e-3, ft_lr=3e-4, curve_points=4, model=exp.MODEL)
+    args = argparse.Namespace(seeds=[0, 1], lr=2e-3, ft_lr=3e-4, curve_points=4, model=exp.MODEL, levers=[],
+                              levers_only=False)
     plan = exp.later_stages(tmp_path, args, spe=10, steps=40)
     names = [n for n, _, _ in plan]
     assert names == ["pretrain-long-s2d", "ft-adamw-s0", "ft-s2d-s0", "ft-adamw-s1", "ft-s2d-s1",
@@ -186,7 +187,7 @@ def test_a_stage_held_by_another_process_is_skipped_and_runs_once_free(tmp_path,
     exp = importlib.import_module("exp_vit_static")
     ran = []
     monkeypatch.setattr(exp, "run", lambda cmd, log: ran.append(cmd))
-    monkeypatch.setattr(exp, "measure_model", lambda folder, data: ran.append("measured"))
+    monkeypatch.setattr(exp, "measure_model", lambda folder, data, cells: ran.append("measured"))
     (tmp_path / ".locks").mkdir()
     # The holder is another process, as in a --jobs run beside a --stage one (flock is per open file).
     holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time\n"

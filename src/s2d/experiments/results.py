@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from s2d.experiments import bias_lowrank as bias_lowrank_exp
-from s2d.experiments import lowrank_grid, smollm2, vit, vit_static
+from s2d.experiments import lowrank_grid, smollm2, vit, vit_levers, vit_static
 from s2d.experiments import minilm as minilm_exp
 from s2d.experiments.record import MissingSetting, Said, count, hyper, run_config, shared
 from s2d.experiments.smollm2_per_tensor import smollm2_per_tensor
@@ -764,9 +764,25 @@ def vision_static(r: Results) -> None:
                "(right) against steps*")
 
 
+def vision_static_levers(r: Results) -> None:
+    root = r.runs / "exp-vit-static"
+    if not vit_levers.arm_names(root):
+        r.missing.append(str(root / "lever-*"))
+        return
+    command = vit_static.plan(root).get("lever_command")
+    if command is None:
+        raise MissingSetting(f"{root / 'plan.json'} records no lever_command (the --levers run writes it)")
+    r.text("## Experiment 2, per-tensor static: the levers of the S2D fine-tune", True)
+    r.quote(command, True)
+    r.text(vit_levers.intro(root), True)
+    r.text(vit_levers.table(root), True)
+    r.text("\n".join(f"- {line}" for line in vit_levers.reading(root)), True)
+
+
 SECTIONS = (evaluation, diagnose, diagnose_speed, quantization, quant_speed, w4a4_ladder, mixed_precision, encoder_w4a4,
             training, selection, experiments, experiments_levers, experiments_steps, smollm2_per_tensor, vision,
-            vision_static, vision_width, minilm, lowrank, inference_speed, lowrank_search, bias_lowrank, bias_speed)
+            vision_static, vision_static_levers, vision_width, minilm, lowrank, inference_speed, lowrank_search,
+            bias_lowrank, bias_speed)
 MARK = "<!-- section:{} -->"
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from s2d.arch import ROLES
 from s2d.config import Config
 from s2d.errors import S2DError
 
@@ -25,6 +26,15 @@ class S2DConfig(Config):
     svd: str = "subspace"  # "subspace": warm-started block power iteration; "full": dense SVD
     svd_iters: int = 4
     fold_norms: bool = False  # fold pre-norm gains into the Linears first, so S2D sees norm-made outliers
+    # "all" block Linears, or a comma list of the adapters' roles: "o,down,fc2" aims S2D at the Linears that write
+    # the residual stream, where a ViT's or an LLM's massive activations are made
+    roles: str = "all"
+
+    def role_list(self) -> tuple[str, ...] | None:
+        """The roles S2D is restricted to, None for every block Linear."""
+        if self.roles.strip() == "all":
+            return None
+        return tuple(r.strip() for r in self.roles.split(",") if r.strip())
 
     def validate(self) -> S2DConfig:
         if self.lam < 0:
@@ -38,6 +48,10 @@ class S2DConfig(Config):
                               ("svd", ("subspace", "full"))):
             if getattr(self, name) not in allowed:
                 raise S2DError(f"{name} must be one of {allowed} (got {getattr(self, name)!r})")
+        roles = self.role_list()
+        unknown = sorted(set(roles or ()) - set(ROLES))
+        if roles == () or unknown:
+            raise S2DError(f"roles must be 'all' or a comma list of {', '.join(ROLES)} (got {self.roles!r})")
         return self
 
 

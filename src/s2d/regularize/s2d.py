@@ -25,6 +25,7 @@ class SelectiveSpectralDecay(Regularizer):
                  optimizer: torch.optim.Optimizer | None = None):
         self.config = (config or S2DConfig()).validate()
         super().__init__(model, filter, self.config.reduction)
+        self._keep_roles(self.config.role_list())
         if self.config.fold_norms:
             self.folded = fold_norm_gains(self.desc)
         for name, lin in self.targets.items():
@@ -35,6 +36,15 @@ class SelectiveSpectralDecay(Regularizer):
         self._inputs: dict[str, torch.Tensor] = {}
         self._refreshed_at = -1
         self._hooks = [lin.register_forward_pre_hook(self._capture(name)) for name, lin in self.targets.items()]
+
+    def _keep_roles(self, roles: tuple[str, ...] | None) -> None:
+        if roles is None:
+            return
+        named = {lin.name for lin in self.desc.linears(roles)}
+        self.targets = {name: lin for name, lin in self.targets.items() if name in named}
+        if not self.targets:
+            raise S2DError(f"roles={','.join(roles)} select no Linear of this model; its roles are "
+                           f"{', '.join(self.desc.role_counts())}")
 
     # -- input capture for PCDR -------------------------------------------------------------------------------
 
