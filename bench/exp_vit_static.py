@@ -308,6 +308,8 @@ def write_plan(root: Path, args: argparse.Namespace) -> None:
         plan["seeds"] = sorted({*old.get("seeds", []), *args.seeds})
         if args.levers_only:  # the arms' command stays the one their section quotes
             plan["command"] = old.get("command", plan["command"])
+        if "lever_command" in old:  # and a later run without --levers keeps the levers' own
+            plan["lever_command"] = old["lever_command"]
     if args.levers:
         plan["lever_command"] = " ".join(["python", "bench/exp_vit_static.py", *sys.argv[1:]])
     atomic_write_json(path, plan)

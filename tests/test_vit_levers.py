@@ -92,3 +92,27 @@ def test_summary_table_and_reading(tmp_path, gain):
 def test_no_levers_no_section(tmp_path):
     _write(tmp_path, "ft-adamw-s0", {"FP": 0.9}, residual=1.0)
     assert vit_levers.summary(tmp_path) == {} and vit_levers.reading(tmp_path) == []
+
+
+def test_plan_keeps_the_arms_command_and_the_levers_command_apart(tmp_path, exp, monkeypatch):
+    import s2d.assets
+
+    monkeypatch.setattr(s2d.assets, "load_fashion_mnist", lambda split: (None, [0] * 60))
+    args = argparse.Namespace(smoke=False, model=exp.MODEL, steps_per_epoch=10, epochs=2, lr=2e-3, ft_lr=3e-4,
+                              curve_points=2, seeds=[0], n_test=100, levers=[], levers_only=False)
+
+    def run(argv: list[str], **changed) -> dict:
+        monkeypatch.setattr("sys.argv", ["exp_vit_static.py", *argv])
+        exp.write_plan(tmp_path, argparse.Namespace(**{**vars(args), **changed}))
+        return json.loads((tmp_path / "plan.json").read_text())
+
+    assert run(["--pretrain-only"])["command"] == "python bench/exp_vit_static.py --pretrain-only"
+    lever = run(["--levers", "lam5", "--levers-only"], levers=["lam5"], levers_only=True, seeds=[1])
+    assert lever["command"] == "python bench/exp_vit_static.py --pretrain-only"  # the arms' stays
+    assert lever["lever_command"] == "python bench/exp_vit_static.py --levers lam5 --levers-only"
+    assert lever["seeds"] == [0, 1]
+    full = run(["--jobs", "2"])
+    assert full["command"] == "python bench/exp_vit_static.py --jobs 2" and full["lever_command"] == \
+        lever["lever_command"]
+    with pytest.raises(SystemExit, match="other settings"):
+        run(["--epochs", "3"], epochs=3)
