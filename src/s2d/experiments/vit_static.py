@@ -189,18 +189,21 @@ def table(root: Path) -> str:
 
 
 def pretrain_table(root: Path) -> str:
-    """The two pre-trainings' final models: steps, max |x| and every cell (one run each, no interval)."""
+    """The pre-trainings' final models, one column each (one run, no interval): steps, max |x|, every cell's test
+    accuracy and the training time. Transposed, so that CELLS make rows rather than a table too wide to read."""
     from s2d.report import md_table
 
-    rows = []
+    runs = {}
     for name, label in PRETRAINS.items():
-        p = _json(root / name / "ptq.json")
-        m = _json(root / name / "metrics.json")
-        if p is None or m is None:
-            continue
-        rows.append([f"{name} ({label})", m["steps"], p["max_abs"]["residual"], p["max_abs"]["linear_input"],
-                     *[100 * p[c] if c in p else "-" for c in CELLS], round(m["seconds"])])
-    return md_table(["pre-training", "steps", "residual max |x|", "Linear-input max |x|", *CELLS, "train s"], rows)
+        p, m = _json(root / name / "ptq.json"), _json(root / name / "metrics.json")
+        if p is not None and m is not None:
+            runs[f"{name} ({label})"] = (p, m)
+    rows = [["steps", *[m["steps"] for p, m in runs.values()]],
+            ["residual max |x|", *[p["max_abs"]["residual"] for p, m in runs.values()]],
+            ["Linear-input max |x|", *[p["max_abs"]["linear_input"] for p, m in runs.values()]],
+            *[[f"{c} (test acc, %)", *[100 * p[c] if c in p else "-" for p, m in runs.values()]] for c in CELLS],
+            ["train s", *[round(m["seconds"]) for p, m in runs.values()]]]
+    return md_table(["final model", *runs], rows) if runs else ""
 
 
 def curve(root: Path, name: str) -> list[dict]:
