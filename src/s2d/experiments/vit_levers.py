@@ -26,7 +26,8 @@ from s2d.experiments.vit_static import TARGET_GAIN, _beyond, _ci, _json, _pm, ar
 
 WRITERS = "o,down,fc2"  # the roles that add to the residual stream, in every family's adapter
 LEVERS = {"lam5": {"lam": 5}, "lam20": {"lam": 20}, "writers-lam5": {"lam": 5, "roles": WRITERS},
-          "writers-all-lam5": {"lam": 5, "roles": WRITERS, "selection": "all"}}
+          "writers-all-lam5": {"lam": 5, "roles": WRITERS, "selection": "all"},
+          "writers-all-lam20": {"lam": 20, "roles": WRITERS, "selection": "all"}}
 LEVER_CELLS = ("FP", "W4A4 static", "W5A5 static+resid", "W4A4 static+resid", "W4A4 dynamic+resid")
 TARGET_CELL = "W4A4 static+resid"  # the cell where AdamW's per-tensor static gap is ≥ 5 points (vit_static's run)
 BASE, DEFAULT = "ft-adamw", "ft-s2d"
