@@ -116,15 +116,17 @@ class Data:
 
 @torch.no_grad()
 def activation_maxima(model, pixels: torch.Tensor) -> dict:
-    """max |x| over the blocks' outputs (residual stream) and over the quantized Linears' inputs, by role."""
+    """max |x| over the blocks' outputs (residual stream) and over the quantized Linears' inputs, by role; and per
+    block, the output's max |x| and median |x| (a per-tensor static scale's step against the typical value)."""
     from s2d.arch import describe
 
     desc = describe(model)
-    residual, inputs = [0.0], {}
+    residual, inputs, blocks = [0.0], {}, []
 
     def block_hook(module, args, output):
-        out = output[0] if isinstance(output, tuple) else output
-        residual[0] = max(residual[0], float(out.abs().max()))
+        out = (output[0] if isinstance(output, tuple) else output).abs()
+        residual[0] = max(residual[0], float(out.max()))
+        blocks.append({"max": float(out.max()), "median": float(out.median())})
 
     def linear_hook(role):
         def hook(module, args):
@@ -139,7 +141,7 @@ def activation_maxima(model, pixels: torch.Tensor) -> dict:
         for h in handles:
             h.remove()
     return {"residual": residual[0], "linear_input": max(inputs.values()), "by_role": inputs,
-            "norm_cap": norm_caps(desc)}
+            "norm_cap": norm_caps(desc), "blocks": blocks}
 
 
 def norm_caps(desc) -> dict[str, float]:
@@ -202,6 +204,11 @@ def measure_model(folder: Path, data: Data, cells: tuple[str, ...] = CELLS) -> N
     path = folder / "ptq.json"
     done = json.loads(path.read_text()) if path.is_file() else None
     missing = cells if done is None else tuple(c for c in cells if c not in done)
+    if done is not None and "blocks" not in done["max_abs"]:  # written before the per-block record: one forward
+        model, _ = load_model(str(folder / "model"))
+        model.eval()
+        done["max_abs"]["blocks"] = activation_maxima(model, data.batches(model)[1]["pixel_values"])["blocks"]
+        atomic_write_json(path, done)
     if not missing:
         return
     model, _ = load_model(str(folder / "model"))

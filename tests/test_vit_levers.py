@@ -51,9 +51,13 @@ def test_levers_only_runs_the_two_arms_and_the_levers_seed_by_seed(tmp_path, exp
         ["lever-lam5-s0", "lever-writers-all-lam5-s0"]  # after everything the full run plans
 
 
-def _write(root: Path, name: str, acc: dict, residual: float, selected: int | None = None) -> None:
+def _write(root: Path, name: str, acc: dict, residual: float, selected: int | None = None,
+           median: float | None = None) -> None:
     (root / name).mkdir(parents=True)
-    (root / name / "ptq.json").write_text(json.dumps({"n_test": 100, "max_abs": {"residual": residual}, **acc}))
+    max_abs = {"residual": residual} | ({} if median is None else  # two blocks, the second at half the first's size
+                                        {"blocks": [{"max": residual, "median": median},
+                                                    {"max": residual / 2, "median": median / 2}]})
+    (root / name / "ptq.json").write_text(json.dumps({"n_test": 100, "max_abs": max_abs, **acc}))
     if selected is not None:
         # the last refresh drops one Linear; of those kept, l0 goes 4 → 3 (−25 %), l1 2 → 1 (−50 %), the rest stay at 9
         sigma = {0: [4.0, 2.0], 50: [3.0, 1.0]}
@@ -68,10 +72,11 @@ def test_summary_table_and_reading(tmp_path, gain):
     target = vit_levers.TARGET_CELL
     for seed, noise in enumerate((0.0, 0.01, -0.01)):
         base = {c: 0.86 + noise for c in vit_levers.LEVER_CELLS} | {target: 0.79 + noise}
-        _write(tmp_path, f"ft-adamw-s{seed}", base, residual=100.0)
-        _write(tmp_path, f"ft-s2d-s{seed}", base, residual=100.0, selected=10)
+        _write(tmp_path, f"ft-adamw-s{seed}", base, residual=100.0, median=10.0)
+        _write(tmp_path, f"ft-s2d-s{seed}", base, residual=100.0, selected=10)  # no per-block record
         _write(tmp_path, f"lever-lam20-s{seed}", base | {target: 0.79 + noise + gain + 0.001 * seed,
-                                                         "FP": 0.85 + noise}, residual=50.0 + seed, selected=12)
+                                                         "FP": 0.85 + noise}, residual=50.0 + seed, selected=12,
+               median=5.0)
     (tmp_path / "lever-lam5-s0").mkdir()  # started, never measured: not an arm yet
     s = vit_levers.summary(tmp_path)
     assert list(s) == ["ft-adamw", "ft-s2d", "lever-lam20"]
@@ -82,11 +87,17 @@ def test_summary_table_and_reading(tmp_path, gain):
     assert lever["decayed"] == (12, 11)
     assert lever["sigma_change"] == pytest.approx(statistics.mean([-25.0, -50.0, *[0.0] * 9]))
     assert s["ft-adamw"]["cells"][target]["gap"] == pytest.approx(7.0) and s["ft-adamw"]["decayed"] is None
+    assert s["ft-adamw"]["median"] == pytest.approx(7.5) and s["ft-adamw"]["peak_to_median"] == pytest.approx(10.0)
+    assert lever["median"] == pytest.approx(3.75) and lever["median_change"][0] == pytest.approx(-50.0)
+    assert lever["peak_to_median"] == pytest.approx(10.2)  # (50 + seed) / 5, seeds 0-2
+    assert s["ft-s2d"]["median"] is None and s["ft-s2d"]["median_change"] == (None, None)
     assert "lam=20" in vit_levers.table(tmp_path)
     text = " ".join(vit_levers.reading(tmp_path))
     assert "AdamW (3 seeds) loses 7.00 points to FP at W4A4 static+resid" in text
     assert ("reached by lever-lam20" in text) == (gain >= 0.03)
     assert "The largest cut of the residual max is lever-lam20's (-49.0 %)" in text
+    assert "The stream was scaled down as a whole, not its peaks: its median |x| changed -50.0 % too, so the " \
+           "max / median |x| of the block outputs went 10 → 10.2 (+2.0 %)" in text
 
 
 def test_no_levers_no_section(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from s2d.experiments import vit_static
 
@@ -90,7 +91,7 @@ def test_measure_model_measures_only_the_cells_a_ptq_json_lacks(tmp_path, monkey
     old = [c for c in vit_static.CELLS if "+repq" not in c]
     folder = tmp_path / "ft-adamw-s0"
     folder.mkdir()
-    before = {"FP": 0.9, "max_abs": {"residual": 31.0}, "configs": {c: {"old": True} for c in old[1:]},
+    before = {"FP": 0.9, "max_abs": {"residual": 31.0, "blocks": []}, "configs": {c: {"old": True} for c in old[1:]},
               "seconds": 10.0, **{c: 0.5 for c in old[1:]}}
     (folder / "ptq.json").write_text(json.dumps(before))
     asked, loads = [], []
@@ -106,12 +107,61 @@ def test_measure_model_measures_only_the_cells_a_ptq_json_lacks(tmp_path, monkey
     after = json.loads((folder / "ptq.json").read_text())
     repq = tuple(c for c in vit_static.CELLS if "+repq" in c)
     assert asked == [repq] and len(repq) == 4
-    assert after["FP"] == 0.9 and after["max_abs"] == {"residual": 31.0}  # kept, not re-measured
+    assert after["FP"] == 0.9 and after["max_abs"] == {"residual": 31.0, "blocks": []}  # kept, not re-measured
     assert all(after[c] == 0.5 and after["configs"][c] == {"old": True} for c in old[1:])
     assert all(after[c] == 0.25 and after["configs"][c] == {"new": True} for c in repq)
     assert after["seconds"] == 15.0
     exp.measure_model(folder, data=None)  # complete now: nothing loaded, nothing measured
     assert len(loads) == 1 and len(asked) == 1
+
+
+def test_measure_model_adds_the_per_block_record_to_an_older_complete_ptq_json(tmp_path, monkeypatch):
+    import importlib
+    from pathlib import Path
+
+    import s2d.assets
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
+    exp = importlib.import_module("exp_vit_static")
+    folder = tmp_path / "ft-adamw-s0"
+    folder.mkdir()
+    before = {"FP": 0.9, "max_abs": {"residual": 31.0}, **{c: 0.5 for c in vit_static.CELLS[1:]}}
+    (folder / "ptq.json").write_text(json.dumps(before))
+    blocks = [{"max": 31.0, "median": 2.0}]
+
+    class Data:
+        def batches(self, model):
+            return {}, {"pixel_values": "calib"}
+
+    monkeypatch.setattr(exp, "measure", lambda *a: pytest.fail("no cell is missing: nothing to measure"))
+    monkeypatch.setattr(exp, "activation_maxima", lambda model, pixels: {"residual": 0.0, "blocks": blocks}
+                        if pixels == "calib" else pytest.fail("not the calibration images"))
+    monkeypatch.setattr(s2d.assets, "load_model", lambda spec: (type("M", (), {"eval": lambda self: self})(), None))
+    exp.measure_model(folder, Data())
+    after = json.loads((folder / "ptq.json").read_text())
+    assert after == {**before, "max_abs": {"residual": 31.0, "blocks": blocks}}  # only the blocks are new
+
+
+@torch.no_grad()
+def test_activation_maxima_records_each_blocks_max_and_median(monkeypatch):
+    import importlib
+    from pathlib import Path
+
+    import s2d.assets
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
+    exp = importlib.import_module("exp_vit_static")
+    model, _ = s2d.assets.load_model("tiny:vit")
+    model.eval()
+    c, n = model.config.num_channels, model.config.image_size
+    pixels = torch.randn(3, c, n, n, generator=torch.Generator().manual_seed(0))
+    outs = model(pixel_values=pixels, output_hidden_states=True).hidden_states[1:]  # each block's output
+    got = exp.activation_maxima(model, pixels)
+    assert len(got["blocks"]) == len(outs) == model.config.num_hidden_layers
+    for block, out in zip(got["blocks"], outs, strict=True):
+        assert block["max"] == pytest.approx(float(out.abs().max()))
+        assert block["median"] == pytest.approx(float(out.abs().flatten().sort().values[(out.numel() - 1) // 2]))
+    assert got["residual"] == pytest.approx(max(b["max"] for b in got["blocks"]))
 
 
 def test_measure_curve_gives_old_points_just_the_cells_they_lack(tmp_path, monkeypatch):

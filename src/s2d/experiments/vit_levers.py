@@ -74,14 +74,31 @@ def summary(root: Path) -> dict:
                            "gap": statistics.mean(gaps) if gaps and cell != "FP" else None}
         change = [100 * (runs[arm][s]["max_abs"]["residual"] / runs[BASE][s]["max_abs"]["residual"] - 1)
                   for s in paired]
+        spread = {s: _spread(r["max_abs"]) for s, r in runs[arm].items() if _spread(r["max_abs"])}
+        base_spread = {s: _spread(r["max_abs"]) for s, r in runs[BASE].items() if _spread(r["max_abs"])}
+        median_change = [100 * (spread[s][0] / base_spread[s][0] - 1) for s in paired
+                         if s in spread and s in base_spread]
         decayed = [d for d in (_decayed(root / f"{arm}-s{s}") for s in runs[arm]) if d is not None]
         shrunk = [c for c in (_sigma_change(root / f"{arm}-s{s}") for s in runs[arm]) if c is not None]
         out[arm] = {"seeds": sorted(runs[arm]), "paired": paired, "cells": cells,
                     "residual": statistics.mean(r["max_abs"]["residual"] for r in runs[arm].values()),
                     "residual_change": t_interval(change) if change and arm != BASE else (None, None),
+                    "median": statistics.mean(m for m, _ in spread.values()) if spread else None,
+                    "median_change": t_interval(median_change) if median_change and arm != BASE else (None, None),
+                    "peak_to_median": statistics.mean(r for _, r in spread.values()) if spread else None,
                     "decayed": tuple(statistics.mean(d[i] for d in decayed) for i in (0, 1)) if decayed else None,
                     "sigma_change": statistics.mean(shrunk) if shrunk else None}
     return out
+
+
+def _spread(max_abs: dict) -> tuple[float, float] | None:
+    """The residual stream's median |x| and max |x| / median |x|, each the mean over the blocks' outputs (None if the
+    record has no per-block entry). Each block output has its own per-tensor static scale, whose step is its max
+    over 2^(b−1)−1: the ratio says how many steps a typical value spans, whatever the stream's overall size."""
+    blocks = max_abs.get("blocks")
+    if not blocks:
+        return None
+    return (statistics.mean(b["median"] for b in blocks), statistics.mean(b["max"] / b["median"] for b in blocks))
 
 
 def _decayed(folder: Path) -> tuple[int, int] | None:
@@ -118,14 +135,17 @@ def table(root: Path) -> str:
         decayed = "-" if s["decayed"] is None else f"{s['decayed'][0]:.3g} → {s['decayed'][1]:.3g}"
         sigma = "-" if s["sigma_change"] is None else f"{s['sigma_change']:+.1f}"
         row = [arm, options(arm), len(s["seeds"]), decayed, sigma, s["residual"],
-               "" if arm == BASE else _ci(*s["residual_change"])]
+               "" if arm == BASE else _ci(*s["residual_change"]), "-" if s["median"] is None else s["median"],
+               "" if arm == BASE else _ci(*s["median_change"]),
+               "-" if s["peak_to_median"] is None else s["peak_to_median"]]
         for cell in LEVER_CELLS:
             e = s["cells"][cell]
             row.append(_pm(e["mean"], e["sd"]) + ("" if arm == BASE else f" ({_ci(e['diff'], e['half'])})"))
         rows.append(row)
     return md_table(["arm", "S2D options changed", "seeds", "Linears decayed (first → last refresh)",
                      "σ₁ of those decayed throughout, first → last refresh, %",
-                     "residual max |x|", "its change vs AdamW, % [95% t]",
+                     "residual max |x|", "its change vs AdamW, % [95% t]", "residual median |x| (block mean)",
+                     "its change vs AdamW, % [95% t]", "residual max / median (block mean)",
                      *[f"{cell} (test acc %, mean ± SD (− AdamW [95% t]))" for cell in LEVER_CELLS]], rows)
 
 
@@ -178,5 +198,19 @@ def reading(root: Path) -> list[str]:
         arm, e = min(moved, key=lambda ae: ae[1]["residual_change"][0])
         lines.append(f"The largest cut of the residual max is {arm}'s ({e['residual_change'][0]:+.1f} %); with it "
                      f"{TARGET_CELL} moves {_ci(e['cells'][TARGET_CELL]['diff'], e['cells'][TARGET_CELL]['half'])} "
-                     f"points and its own gap to FP is {e['cells'][TARGET_CELL]['gap']:.2f}.")
+                     f"points and its own gap to FP is {e['cells'][TARGET_CELL]['gap']:.2f}." + _scaled(s[BASE], e))
     return lines
+
+
+def _scaled(base: dict, e: dict) -> str:
+    """Whether a cut of the residual max came with the median: the stream scaled down as a whole leaves the ratio
+    that sets the per-tensor step against typical values, and so the rounding error relative to them, in place."""
+    if e["median_change"][0] is None or base["peak_to_median"] is None or e["peak_to_median"] is None:
+        return ""
+    ratio = 100 * (e["peak_to_median"] / base["peak_to_median"] - 1)
+    words = (" The stream was scaled down as a whole, not its peaks" if abs(ratio) < abs(e["residual_change"][0]) / 2
+             else " The peaks fell faster than the typical values")
+    return (f"{words}: its median |x| changed {e['median_change'][0]:+.1f} % too, so the max / median |x| of the "
+            f"block outputs went {base['peak_to_median']:.3g} → {e['peak_to_median']:.3g} ({ratio:+.1f} %); a "
+            "per-tensor static step scales with the max, so what it costs the typical values "
+            + ("hardly changed." if abs(ratio) < abs(e["residual_change"][0]) / 2 else "fell with it."))
