@@ -266,6 +266,15 @@ def test_reading_gives_each_arms_outliers_and_s2ds_paired_change(tmp_path):
     # residual means 100 and 83.7; the per-seed changes -20%, -10%, -20%: mean -16.67
     assert "residual stream AdamW 100, AdamW+S2D 83.7 (S2D's paired change in %: -16.67 [" in line
     assert "Linear inputs 10 and 9." in line
+    for seed in range(3):  # with each block output's max and median recorded, their ratio joins the sentence
+        for arm, (peak, median) in (("ft-adamw", (100.0, 10.0)), ("ft-s2d", (80.0, 10.0))):
+            path = tmp_path / f"{arm}-s{seed}" / "ptq.json"
+            record = json.loads(path.read_text())
+            record["max_abs"]["blocks"] = [{"max": peak, "median": median}, {"max": peak / 2, "median": median}]
+            path.write_text(json.dumps(record))
+    line = next(t for t in vit_static.reading(tmp_path) if t.startswith("Outliers the quantizers meet"))
+    assert line.endswith("Linear inputs 10 and 9; the residual stream's max / median |x| (mean over the block "
+                         "outputs) 7.5 and 6.")
 
 
 def test_reading_says_why_when_no_static_cell_costs_enough(tmp_path):

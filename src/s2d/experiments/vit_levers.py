@@ -22,7 +22,16 @@ from pathlib import Path
 
 from s2d.experiments import vit_static
 from s2d.experiments.vit import S2D
-from s2d.experiments.vit_static import TARGET_GAIN, _beyond, _ci, _json, _pm, arm_runs, t_interval
+from s2d.experiments.vit_static import (
+    TARGET_GAIN,
+    _beyond,
+    _ci,
+    _json,
+    _pm,
+    arm_runs,
+    residual_spread,
+    t_interval,
+)
 
 WRITERS = "o,down,fc2"  # the roles that add to the residual stream, in every family's adapter
 LEVERS = {"lam5": {"lam": 5}, "lam20": {"lam": 20}, "writers-lam5": {"lam": 5, "roles": WRITERS},
@@ -74,8 +83,8 @@ def summary(root: Path) -> dict:
                            "gap": statistics.mean(gaps) if gaps and cell != "FP" else None}
         change = [100 * (runs[arm][s]["max_abs"]["residual"] / runs[BASE][s]["max_abs"]["residual"] - 1)
                   for s in paired]
-        spread = {s: _spread(r["max_abs"]) for s, r in runs[arm].items() if _spread(r["max_abs"])}
-        base_spread = {s: _spread(r["max_abs"]) for s, r in runs[BASE].items() if _spread(r["max_abs"])}
+        spread = {s: residual_spread(r["max_abs"]) for s, r in runs[arm].items() if residual_spread(r["max_abs"])}
+        base_spread = {s: residual_spread(r["max_abs"]) for s, r in runs[BASE].items() if residual_spread(r["max_abs"])}
         median_change = [100 * (spread[s][0] / base_spread[s][0] - 1) for s in paired
                          if s in spread and s in base_spread]
         decayed = [d for d in (_decayed(root / f"{arm}-s{s}") for s in runs[arm]) if d is not None]
@@ -89,16 +98,6 @@ def summary(root: Path) -> dict:
                     "decayed": tuple(statistics.mean(d[i] for d in decayed) for i in (0, 1)) if decayed else None,
                     "sigma_change": statistics.mean(shrunk) if shrunk else None}
     return out
-
-
-def _spread(max_abs: dict) -> tuple[float, float] | None:
-    """The residual stream's median |x| and max |x| / median |x|, each the mean over the blocks' outputs (None if the
-    record has no per-block entry). Each block output has its own per-tensor static scale, whose step is its max
-    over 2^(b−1)−1: the ratio says how many steps a typical value spans, whatever the stream's overall size."""
-    blocks = max_abs.get("blocks")
-    if not blocks:
-        return None
-    return (statistics.mean(b["median"] for b in blocks), statistics.mean(b["max"] / b["median"] for b in blocks))
 
 
 def _decayed(folder: Path) -> tuple[int, int] | None:

@@ -318,10 +318,24 @@ def _outlier_words(root: Path) -> list[str]:
             for arm in ARMS}
     change = [100 * (maxima[ARMS[1]][s]["residual"] / maxima[ARMS[0]][s]["residual"] - 1) for s in paired]
     diff, half = t_interval(change)
+    spread = {arm: [residual_spread(maxima[arm][s]) for s in paired] for arm in ARMS}
+    ratio = "" if any(x is None for xs in spread.values() for x in xs) else (
+        "; the residual stream's max / median |x| (mean over the block outputs) "
+        + " and ".join(f"{statistics.mean(r for _, r in spread[arm]):.3g}" for arm in ARMS))
     return [f"Outliers the quantizers meet (max |x| on the calibration images, mean over {len(paired)} paired "
             f"seed{'s' if len(paired) > 1 else ''}): residual stream AdamW {mean['ft-adamw']['residual']:.3g}, "
             f"AdamW+S2D {mean['ft-s2d']['residual']:.3g} (S2D's paired change in %: {_ci(diff, half)}); Linear inputs "
-            f"{mean['ft-adamw']['linear_input']:.3g} and {mean['ft-s2d']['linear_input']:.3g}."]
+            f"{mean['ft-adamw']['linear_input']:.3g} and {mean['ft-s2d']['linear_input']:.3g}{ratio}."]
+
+
+def residual_spread(max_abs: dict) -> tuple[float, float] | None:
+    """The residual stream's median |x| and max |x| / median |x|, each the mean over the blocks' outputs (None if the
+    record has no per-block entry). Each block output has its own per-tensor static scale, whose step is its max
+    over 2^(b−1)−1: the ratio says how many steps a typical value spans, whatever the stream's overall size."""
+    blocks = max_abs.get("blocks")
+    if not blocks:
+        return None
+    return (statistics.mean(b["median"] for b in blocks), statistics.mean(b["max"] / b["median"] for b in blocks))
 
 
 def _resid_growth(a: dict, b: dict) -> str:
