@@ -353,3 +353,11 @@ def test_reading_follows_the_residual_quantized_gap_along_a_pretraining(tmp_path
     old = point(30, 0.85, 0.78, 96.0)
     del old["W4A4 static+resid"]  # a curve from before the +resid cells: the sentence says nothing of them
     assert vit_static._resid_growth(point(10, 0.7, 0.69, 40.0), old) == ""
+
+
+def test_the_qat_note_follows_finished_qat_arms(tmp_path):
+    _write(tmp_path, "ft-adamw-s0", {c: 0.8 for c in vit_static.CELLS})
+    assert vit_static.notes(tmp_path)[-1].startswith("QAT arms: none has finished")
+    (tmp_path / "qat-adamw-s0").mkdir()
+    (tmp_path / "qat-adamw-s0" / "qat.json").write_text(json.dumps({c: 0.8 for c in vit_static.QAT_CELLS}))
+    assert vit_static.notes(tmp_path)[-1] == vit_static.QAT_NOTE

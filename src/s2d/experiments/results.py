@@ -752,7 +752,7 @@ def vision_static(r: Results) -> None:
         r.text(f"S2D ran with `{json.loads(sel.read_text())['reg_option']}`, chosen on `pretrain-long` before any "
                f"S2D run (the rule of Experiment 2 in miniature above). {vit_static.selections(root)}")
     r.text(vit_static.table(root), True)
-    r.text("\n".join(f"- {line}" for line in [*vit_static.reading(root), vit_static.QAT_NOTE]), True)
+    r.text("\n".join(f"- {line}" for line in vit_static.notes(root)), True)
     r.text("The two pre-trainings' final models (one run each):")
     r.text(vit_static.pretrain_table(root))
     r.text("Along each pre-training, at every kept checkpoint (max |x| on the calibration images):")

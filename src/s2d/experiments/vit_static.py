@@ -59,6 +59,13 @@ QAT_NOTE = ("QAT arms: `s2d finetune --qat W4A4` with per-tensor static activati
             "measured from it.")
 
 
+def notes(root: Path) -> list[str]:
+    """The reading, then the QAT note if any QAT arm has finished (else a line saying none has)."""
+    done = any(arm_runs(root, QAT_ARMS, "qat.json").values())
+    return [*reading(root), QAT_NOTE if done else "QAT arms: none has finished in this root (the script runs them "
+            "last; rerun it to resume them)."]
+
+
 def qat_args() -> list[str]:
     """The `s2d finetune` flags of the QAT arms."""
     return ["--qat", "W4A4", *[a for k, v in QAT_OPTIONS.items()
@@ -491,7 +498,7 @@ def report(root: Path) -> str:
     parts += ["Fine-tunes of pretrain-long (the QAT rows: the QAT fine-tunes, see the last note):",
               table(root), "Pre-trainings (final models):", pretrain_table(root),
               "Over pre-training (kept checkpoints):", curve_table(root),
-              "\n".join(f"- {line}" for line in [*reading(root), QAT_NOTE])]
+              "\n".join(f"- {line}" for line in notes(root))]
     return "\n\n".join(parts)
 
 
