@@ -125,8 +125,8 @@ def activation_maxima(model, pixels: torch.Tensor) -> dict:
 
     def block_hook(module, args, output):
         out = (output[0] if isinstance(output, tuple) else output).abs()
-        residual[0] = max(residual[0], float(out.max()))
         blocks.append({"max": float(out.max()), "median": float(out.median())})
+        residual[0] = max(residual[0], blocks[-1]["max"])
 
     def linear_hook(role):
         def hook(module, args):
@@ -204,14 +204,16 @@ def measure_model(folder: Path, data: Data, cells: tuple[str, ...] = CELLS) -> N
     path = folder / "ptq.json"
     done = json.loads(path.read_text()) if path.is_file() else None
     missing = cells if done is None else tuple(c for c in cells if c not in done)
-    if done is not None and "blocks" not in done["max_abs"]:  # written before the per-block record: one forward
-        model, _ = load_model(str(folder / "model"))
+    old_record = done is not None and "blocks" not in done["max_abs"]
+    if not missing and not old_record:
+        return
+    model, _ = load_model(str(folder / "model"))
+    if old_record:  # written before the per-block record: one forward adds it
         model.eval()
         done["max_abs"]["blocks"] = activation_maxima(model, data.batches(model)[1]["pixel_values"])["blocks"]
         atomic_write_json(path, done)
     if not missing:
         return
-    model, _ = load_model(str(folder / "model"))
     new = measure(model, data, missing)
     if done is None:
         atomic_write_json(path, new)

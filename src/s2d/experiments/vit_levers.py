@@ -83,12 +83,12 @@ def summary(root: Path) -> dict:
                            "gap": statistics.mean(gaps) if gaps and cell != "FP" else None}
         change = [100 * (runs[arm][s]["max_abs"]["residual"] / runs[BASE][s]["max_abs"]["residual"] - 1)
                   for s in paired]
-        spread = {s: residual_spread(r["max_abs"]) for s, r in runs[arm].items() if residual_spread(r["max_abs"])}
-        base_spread = {s: residual_spread(r["max_abs"]) for s, r in runs[BASE].items() if residual_spread(r["max_abs"])}
+        spread, base_spread = (_spreads(runs[a]) for a in (arm, BASE))
         median_change = [100 * (spread[s][0] / base_spread[s][0] - 1) for s in paired
                          if s in spread and s in base_spread]
-        decayed = [d for d in (_decayed(root / f"{arm}-s{s}") for s in runs[arm]) if d is not None]
-        shrunk = [c for c in (_sigma_change(root / f"{arm}-s{s}") for s in runs[arm]) if c is not None]
+        refreshes = [r for r in (_refreshes(root / f"{arm}-s{s}") for s in runs[arm]) if r]
+        decayed = [(len(r[0]["selected"]), len(r[-1]["selected"])) for r in refreshes]
+        shrunk = [c for c in map(_sigma_change, refreshes) if c is not None]
         out[arm] = {"seeds": sorted(runs[arm]), "paired": paired, "cells": cells,
                     "residual": statistics.mean(r["max_abs"]["residual"] for r in runs[arm].values()),
                     "residual_change": t_interval(change) if change and arm != BASE else (None, None),
@@ -100,15 +100,18 @@ def summary(root: Path) -> dict:
     return out
 
 
-def _decayed(folder: Path) -> tuple[int, int] | None:
-    """Linears S2D decayed at the first and the last refresh of one run (None for a run without S2D)."""
-    refreshes = (_json(folder / "metrics.json") or {}).get("refreshes") or []
-    return (len(refreshes[0]["selected"]), len(refreshes[-1]["selected"])) if refreshes else None
+def _spreads(by_seed: dict[int, dict]) -> dict[int, tuple[float, float]]:
+    """residual_spread of each seed's record that has the per-block entry."""
+    return {s: sp for s, r in by_seed.items() if (sp := residual_spread(r["max_abs"])) is not None}
 
 
-def _sigma_change(folder: Path) -> float | None:
+def _refreshes(folder: Path) -> list[dict]:
+    """The S2D refreshes one run's metrics.json kept (none for a run without S2D)."""
+    return (_json(folder / "metrics.json") or {}).get("refreshes") or []
+
+
+def _sigma_change(refreshes: list[dict]) -> float | None:
     """The mean % change of σ₁, first → last refresh, over the Linears S2D decayed at both (None if there are none)."""
-    refreshes = (_json(folder / "metrics.json") or {}).get("refreshes") or []
     if len(refreshes) < 2:
         return None
     first, last = refreshes[0]["selected_sigma"], refreshes[-1]["selected_sigma"]
